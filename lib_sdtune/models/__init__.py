@@ -1,0 +1,1 @@
+"""Original single-file checkpoints -> diffusers/transformers modules, fully offline."""

@@ -1,0 +1,91 @@
+"""What a model file is, in one call shared by the CLI, the WebUI tab and the ComfyUI node."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..io.checkpoint import open_checkpoint
+from ..io.detect import component_keys, detect_architecture
+from ..io.hashes import file_hashes
+from .hints import ModelHints, resolve_hints
+from .loader import load_checkpoint
+
+
+@dataclass
+class ModelInfo:
+    """The answer of `model info`; field names are the CLI's JSON contract."""
+
+    file: str
+    size_bytes: int
+    architecture: str
+    family: str
+    prediction_type: str
+    prediction_source: str
+    variant: str
+    components: dict[str, int]
+    dtype: str
+    hashes: dict[str, str]
+    metadata: dict[str, str]
+    loaded: bool = False
+    load_seconds: Optional[float] = None
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not self.loaded:
+            for k in ("load_seconds", "missing_keys", "unexpected_keys", "ignored_keys"):
+                d.pop(k)
+        return d
+
+
+def _dtype_name(dtypes: Counter) -> str:
+    """The dominant dtype ("float16"), or "mixed (...)" when no dtype holds 90% of the weights."""
+    total = sum(dtypes.values()) or 1
+    name, count = dtypes.most_common(1)[0] if dtypes else ("unknown", 0)
+    if count / total >= 0.9:
+        return name
+    return "mixed (" + ", ".join(f"{n} {c / total:.0%}" for n, c in dtypes.most_common()) + ")"
+
+
+def inspect_model(path: str | os.PathLike, *, load: bool = False, hashes: bool = True,
+                  hints: Optional[ModelHints] = None) -> ModelInfo:
+    """Architecture, parameter counts, dtype and hashes; with `load`, load every component and report keys."""
+    p = Path(path)
+    source = open_checkpoint(p)
+    shapes = source.shapes()
+    arch = detect_architecture(shapes, str(p))
+    resolved = resolve_hints(arch.family, p, hints)
+    counts, dtypes = {}, Counter()
+    for name, keys in component_keys(shapes, arch).items():
+        counts[name] = sum(source.numel(k) for k in keys)
+        for k in keys:
+            dtypes[str(source.dtype(k)).replace("torch.", "")] += source.numel(k)
+    info = ModelInfo(
+        file=str(p), size_bytes=p.stat().st_size, architecture=arch.architecture, family=arch.family,
+        prediction_type=resolved.prediction_type or arch.prediction_type,
+        prediction_source=resolved.source if resolved.prediction_type else "checkpoint keys",
+        variant=arch.variant, components=counts, dtype=_dtype_name(dtypes),
+        hashes=file_hashes(p).to_dict() if hashes else {}, metadata=dict(source.metadata),
+    )
+    undecided = info.prediction_type == "undecided"
+    if load or undecided:
+        start = time.perf_counter()
+        loaded = load_checkpoint(source, components=None if load else ("unet",), hints=hints)
+        info.architecture = loaded.arch.architecture
+        info.prediction_type = loaded.arch.prediction_type
+        if undecided:
+            info.prediction_source = "A1111 v-prediction test (no yaml, no flag)"
+        if load:
+            info.loaded = True
+            info.load_seconds = round(time.perf_counter() - start, 3)
+            info.missing_keys = loaded.report.missing_keys
+            info.unexpected_keys = loaded.report.unexpected_keys
+            info.ignored_keys = loaded.report.ignored_keys
+    return info
