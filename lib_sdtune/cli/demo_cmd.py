@@ -25,9 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from ..demo.dataset import write_demo_dataset
     from ..demo.tiny_models import TINY_ARCHITECTURES, write_tiny_checkpoint
-    from ..models.inspect import inspect_model
+    from ..models.inspect import format_count, inspect_model
     from . import emit
-    from .model_cmd import _fmt_count
 
     out = Path(args.out)
     archs = TINY_ARCHITECTURES if args.arch == "all" else (args.arch,)
@@ -44,7 +43,7 @@ def run_demo(args: argparse.Namespace) -> int:
         result["models"].append(info.to_dict())
         lines.append(
             f"model:   {path.name}: {info.architecture}, {info.prediction_type}, "
-            + ", ".join(f"{k} {_fmt_count(v)}" for k, v in info.components.items())
+            + ", ".join(f"{k} {format_count(v)}" for k, v in info.components.items())
             + f"; loaded in {info.load_seconds:.1f} s with {len(info.missing_keys)} missing / "
             f"{len(info.unexpected_keys)} unexpected keys; AutoV2 {info.hashes['autov2']}")
     result["clean_load"] = clean

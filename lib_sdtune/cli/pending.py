@@ -14,7 +14,6 @@ PENDING: dict[str, tuple[tuple[str, ...], str, int]] = {
     "repair": (("te-override", "te-blend", "lora-te", "diagnose", "pick-epoch"),
                "over-fit diagnosis and repair (TE override/blend, LoRA TE surgery)", 7),
     "tag": (("stats", "edit", "wd14", "lint"), "caption statistics, batch edits, WD14 tagging, dataset lint", 8),
-    "ui": ((), "serve the standalone WebUI", 9),
 }
 
 

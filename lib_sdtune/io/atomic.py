@@ -7,6 +7,7 @@ because the rename is the only step that touches the final name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -32,7 +33,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     """Yield a file object for a temp file beside `path`; on success it replaces `path` atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temps(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as fh:
@@ -51,6 +53,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete temp files a killed writer of `target` left behind (their pid is gone)."""
+    removed = []
+    prefix = f".{target.name}."
+    for cand in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid_part = cand.name[len(prefix):].split(".", 1)[0]
+        if pid_part.isdigit() and not _pid_alive(int(pid_part)):
+            with contextlib.suppress(OSError):
+                cand.unlink()
+                removed.append(cand)
+    return removed
 
 
 def _umask() -> int:

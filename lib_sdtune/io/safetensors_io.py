@@ -116,7 +116,7 @@ class SafetensorsFile:
     def close(self) -> None:
         self._handle = None
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -180,7 +180,7 @@ class SafetensorsWriter:
         self._ctx = None
         self._fh = None
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         self._ctx = atomic_write(self.path, "wb")
         self._fh = self._ctx.__enter__()
         self._fh.write(self.header)

@@ -89,3 +89,36 @@ def inspect_model(path: str | os.PathLike, *, load: bool = False, hashes: bool =
             info.unexpected_keys = loaded.report.unexpected_keys
             info.ignored_keys = loaded.report.ignored_keys
     return info
+
+
+def format_count(n: int) -> str:
+    """1234567 -> "1.23 M" (parameter counts as people read them)."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+def format_model_info(info: ModelInfo) -> str:
+    """The human-readable report of `model info` (CLI, WebUI tab and ComfyUI node show the same text)."""
+    lines = [
+        f"file:          {info.file} ({info.size_bytes / 2**20:.1f} MiB)",
+        f"architecture:  {info.architecture}" + (f" ({info.variant})" if info.variant else ""),
+        f"prediction:    {info.prediction_type} (from {info.prediction_source})",
+        f"dtype:         {info.dtype}",
+        "components:    " + ", ".join(f"{k} {format_count(v)}" for k, v in info.components.items()),
+    ]
+    if info.hashes:
+        h = info.hashes
+        lines.append(f"hashes:        AutoV2 {h['autov2']} (A1111 short hash), legacy {h['autov1']}")
+        lines.append(f"               sha256 {h['sha256']}")
+        if "sshs_model_hash" in h:
+            lines.append(f"               sshs_model_hash {h['sshs_model_hash']}")
+    if info.metadata:
+        names = sorted(info.metadata)
+        lines.append(f"metadata:      {len(names)} entries ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    if info.loaded:
+        lines.append(f"loaded in {info.load_seconds:.1f} s: missing keys {len(info.missing_keys)}, "
+                     f"unexpected keys {len(info.unexpected_keys)}, ignored extras {len(info.ignored_keys)}")
+        lines += [f"  ! {k}" for k in (info.missing_keys + info.unexpected_keys)[:20]]
+    return "\n".join(lines)
