@@ -30,7 +30,7 @@ def unet_config(shapes: Shapes, info: ArchInfo, hints: ModelHints, prefix: str) 
     """UNet2DConditionModel kwargs for the ldm/sgm UNet under `prefix`."""
     s = _sub(shapes, prefix)
     keys = list(s)
-    model_ch, in_ch = int(s["input_blocks.0.0.weight"][0]), int(s["input_blocks.0.0.weight"][1])
+    in_ch = int(s["input_blocks.0.0.weight"][1])
     n_input = _count(keys, r"input_blocks\.(\d+)\.")
     downs = sorted(int(m.group(1)) for k in keys for m in [re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)] if m)
     n_levels = len(downs) + 1
