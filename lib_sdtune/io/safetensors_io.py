@@ -106,15 +106,26 @@ class SafetensorsFile:
         return ST_TO_DTYPE.get(self.tensors[name].dtype)
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        """Load one tensor (a copy in RAM; the rest of the file stays on disk)."""
+        """Load one tensor with a plain read (no mmap), so peak RAM stays near this tensor's size."""
+        info = self.tensors[name]
+        dtype = ST_TO_DTYPE.get(info.dtype)
+        if dtype is None:
+            raise SdtuneError(f"{self.path}: tensor {name!r} has dtype {info.dtype}, which this torch cannot hold")
+        size = info.end - info.start
+        if size == 0:
+            return torch.empty(info.shape, dtype=dtype)
         if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        return self._handle.get_tensor(name)
+            self._handle = open(self.path, "rb")
+        buf = bytearray(size)
+        self._handle.seek(self.data_offset + info.start)
+        if self._handle.readinto(buf) != size:
+            raise SdtuneError(f"{self.path}: file is truncated inside tensor {name!r}")
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     def close(self) -> None:
-        self._handle = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def __enter__(self) -> SafetensorsFile:
         return self

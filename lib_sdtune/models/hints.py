@@ -89,7 +89,7 @@ def resolve_hints(family: str, checkpoint_path: Optional[str | os.PathLike], use
     Heads come as either a count or a width, so they are taken as a pair from the first layer
     that sets either.
     """
-    layers = [user or ModelHints(source="user")]
+    layers = [user or ModelHints(source="family defaults")]
     found = yaml_beside(checkpoint_path) if checkpoint_path else None
     if found is not None:
         layers.append(hints_from_yaml(found))

@@ -142,6 +142,11 @@ def _expected_original_keys(name: str, family: str, module_sd: dict, prefix: str
     return set(to_ldm.clip_to_ldm(module_sd, prefix=prefix))
 
 
+def _old_clip_alias(key: str, prefix: str) -> str:
+    """Very old SD1 saves lack `text_model.` in the TE keys; compare both spellings as one."""
+    return key.replace(prefix + "text_model.", prefix, 1)
+
+
 def load_components(source: StateDictSource, arch: ArchInfo, hints: ModelHints,
                     components: Optional[Iterable[str]] = None, dtype: Optional[torch.dtype] = None
                     ) -> tuple[dict[str, torch.nn.Module], LoadReport]:
@@ -166,8 +171,10 @@ def load_components(source: StateDictSource, arch: ArchInfo, hints: ModelHints,
         del sd
         report.missing_keys += [f"{name}.{k}" for k in result.missing_keys]
         report.unexpected_keys += [f"{name}.{k}" for k in result.unexpected_keys]
-        expected = _expected_original_keys(name, arch.family, module.state_dict(), prefix)
-        report.unexpected_keys += sorted(f"checkpoint.{k}" for k in per_component[name] if k not in expected)
+        expected = {_old_clip_alias(k, prefix) for k in
+                    _expected_original_keys(name, arch.family, module.state_dict(), prefix)}
+        report.unexpected_keys += sorted(f"checkpoint.{k}" for k in per_component[name]
+                                         if _old_clip_alias(k, prefix) not in expected)
         module.eval()
         modules[name] = module
     return modules, report

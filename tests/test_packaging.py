@@ -1,0 +1,96 @@
+"""Packaging stays consistent, and install.py never touches what the host pins."""
+
+import importlib.util
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _install_module():
+    spec = importlib.util.spec_from_file_location("sdtune_install", ROOT / "install.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_requirements_txt_and_pyproject_list_the_same_dependencies():
+    install = _install_module()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert install.read_requirements() == deps
+
+
+def test_pyproject_has_the_comfy_registry_block():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy = data["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "sdtune"
+    assert (ROOT / comfy["web"]).is_dir()
+    assert "Repository" in data["project"]["urls"]
+
+
+@pytest.mark.compat
+def test_install_is_a_no_op_when_satisfied():
+    install = _install_module()
+    to_install, warnings = install.plan(install.read_requirements())
+    assert to_install == [] and warnings == []
+    out = subprocess.run([sys.executable, str(ROOT / "install.py")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+
+
+def test_missing_own_package_is_installed_but_host_packages_only_warned():
+    install = _install_module()
+    installed = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "numpy": "1.26.2"}
+    reqs = ["torch>=2.3", "transformers>=4.30.2", "diffusers>=0.27.0", "numpy>=1.24", "gradio>=3.41"]
+    to_install, warnings = install.plan(reqs, version_of=installed.get)
+    assert to_install == ["diffusers>=0.27.0"]
+    assert any("torch>=2.3" in w and "found 2.1.2+cu121" in w for w in warnings)
+    assert any("gradio>=3.41" in w and "not installed" in w for w in warnings)
+
+
+def test_constraints_pin_every_installed_host_package():
+    install = _install_module()
+    installed = {"torch": "2.1.2+cu121", "gradio": "3.41.2", "transformers": "4.30.2", "diffusers": "0.31.0"}
+    pins = install.host_constraints(version_of=installed.get).split()
+    assert pins == ["gradio==3.41.2", "torch==2.1.2+cu121", "transformers==4.30.2"]
+
+
+def test_install_runs_pip_through_a1111_launch_with_the_constraints(tmp_path):
+    """With A1111's `launch` module present, install.py uses launch.run_pip and passes the host pins."""
+    (tmp_path / "launch.py").write_text(
+        "import json, sys\n"
+        "def run_pip(args, desc):\n"
+        "    cons = args.split(' -c ')[1].strip(\"'\")\n"
+        "    print(json.dumps({'args': args, 'desc': desc, 'constraints': open(cons).read()}))\n")
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import importlib.util as u\n"
+            f"s = u.spec_from_file_location('inst', {str(ROOT / 'install.py')!r}); m = u.module_from_spec(s)\n"
+            "s.loader.exec_module(m)\n"
+            "m.read_requirements = lambda: ['sdtune-not-a-real-package>=1', 'torch>=0.1']\n"
+            "m.main()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    call = json.loads(out.stdout.strip().splitlines()[0])
+    assert call["args"].startswith("install sdtune-not-a-real-package>=1 -c ") or \
+        call["args"].startswith("install 'sdtune-not-a-real-package>=1' -c ")
+    assert "torch==" in call["constraints"]
+
+
+@pytest.mark.compat
+def test_importing_the_pack_root_pulls_in_neither_gradio_nor_comfy():
+    code = ("import importlib.util, sys\n"
+            f"s = importlib.util.spec_from_file_location('sdtune_pack', {str(ROOT / '__init__.py')!r},"
+            f" submodule_search_locations=[{str(ROOT)!r}])\n"
+            "m = importlib.util.module_from_spec(s); sys.modules['sdtune_pack'] = m; s.loader.exec_module(m)\n"
+            "import lib_sdtune.models.inspect, lib_sdtune.cli\n"
+            "bad = [n for n in sys.modules if n.split('.')[0] in ('gradio', 'comfy', 'comfy_api', 'torchvision',"
+            " 'open_clip', 'timm', 'modules')]\n"
+            "assert m.WEB_DIRECTORY and callable(m.comfy_entrypoint), 'entry missing'\n"
+            "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
