@@ -23,8 +23,10 @@ def test_paths_from_the_ui_cannot_escape_the_model_folders(folders, tmp_path):
     (tmp_path / "secret.safetensors").write_bytes(b"x")
     with pytest.raises(SdtuneError, match="outside the allowed"):
         confine("../../secret.safetensors", folders.checkpoints)
-    with pytest.raises(SdtuneError, match="no such model"):
+    with pytest.raises(SdtuneError, match="outside the allowed"):
         resolve_listed("../../secret.safetensors", folders.checkpoints)
+    with pytest.raises(SdtuneError, match="no such model"):
+        resolve_listed("absent.safetensors", folders.checkpoints)
     assert resolve_listed("sub/tiny.safetensors", folders.checkpoints).name == "tiny.safetensors"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +62,8 @@ def inspect_model(path: str | os.PathLike, *, load: bool = False, hashes: bool =
     shapes = source.shapes()
     arch = detect_architecture(shapes, str(p))
     resolved = resolve_hints(arch.family, p, hints)
+    if resolved.prediction_type:
+        arch = replace(arch, prediction_type=resolved.prediction_type)
     counts, dtypes = {}, Counter()
     for name, keys in component_keys(shapes, arch).items():
         counts[name] = sum(source.numel(k) for k in keys)
@@ -69,7 +71,7 @@ def inspect_model(path: str | os.PathLike, *, load: bool = False, hashes: bool =
             dtypes[str(source.dtype(k)).replace("torch.", "")] += source.numel(k)
     info = ModelInfo(
         file=str(p), size_bytes=p.stat().st_size, architecture=arch.architecture, family=arch.family,
-        prediction_type=resolved.prediction_type or arch.prediction_type,
+        prediction_type=arch.prediction_type,
         prediction_source=resolved.source if resolved.prediction_type else "checkpoint keys",
         variant=arch.variant, components=counts, dtype=_dtype_name(dtypes),
         hashes=file_hashes(p).to_dict() if hashes else {}, metadata=dict(source.metadata),
