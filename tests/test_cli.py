@@ -11,9 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, cwd=ROOT):
+    """Run the CLI in a clean environment (no HF_HUB_OFFLINE given: the CLI must set it itself)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT / ".pytest_cache" / "home"), "PYTHONPATH": str(ROOT),
+           "SDTUNE_CACHE_DIR": str(ROOT / ".pytest_cache" / "sdtune")}
     return subprocess.run([sys.executable, "-m", "lib_sdtune", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT),
-                                                     "PYTHONPATH": str(ROOT), "SDTUNE_CACHE_DIR": str(ROOT / ".pytest_cache" / "sdtune")})
+                          cwd=cwd, timeout=300, env=env)
 
 
 def test_help_lists_every_contract_command():
@@ -60,8 +62,9 @@ def test_model_info_human_output_names_architecture_and_hash(tiny_checkpoints):
 
 def test_errors_are_one_paragraph_naming_the_file_and_exit_1(tmp_path):
     bad = tmp_path / "flux.safetensors"
-    from lib_sdtune.io.safetensors_io import save_safetensors
     import torch
+
+    from lib_sdtune.io.safetensors_io import save_safetensors
 
     save_safetensors({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1),
                       "single_blocks.0.linear1.weight": torch.zeros(1)}, bad)
