@@ -1,8 +1,8 @@
 """A1111/Forge installer: runs at every WebUI launch, so it must be a fast no-op when satisfied.
 
-It installs only sdtune's own missing requirements, with the host's packages (torch, gradio,
-transformers, numpy, ...) pinned at their installed versions through a pip constraints file, so
-pip can never upgrade or downgrade what the WebUI depends on. A host package that is too old is
+It installs only requirements that are missing, with every installed package (torch, gradio,
+transformers, numpy, ...) pinned at its installed version through a pip constraints file, so pip
+can never upgrade or downgrade what the WebUI depends on. An installed package that is too old is
 reported, not replaced. Also usable outside the WebUI: `python install.py`.
 """
 
@@ -18,24 +18,33 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Packages the host owns: never installed or changed by sdtune, only checked.
-HOST_OWNED = {
-    "torch", "torchvision", "torchaudio", "xformers", "gradio", "gradio-client", "transformers", "tokenizers",
-    "numpy", "huggingface-hub", "accelerate", "safetensors", "pillow", "fastapi", "pydantic", "starlette",
-    "pyyaml", "packaging", "open-clip-torch", "protobuf",
-}
 VOCAB_PACKAGE = "open-clip-torch"  # ships the CLIP BPE vocabulary; installed without its torchvision deps
+
+# Measured incompatibilities that pip cannot see (diffusers does not declare them): when the host
+# has the package on the left in the version range given, diffusers must stay below the cap.
+#   transformers < 4.37: diffusers >= 0.32 pipelines import SiglipImageProcessor (A1111 pins 4.30.2)
+#   transformers < 4.48: diffusers >= 0.37 models import Dinov2WithRegistersConfig
+#   peft < 0.15 / < 0.17: diffusers >= 0.34 / >= 0.35 refuse to import (Forge pins peft 0.13.2)
+COMPAT_CAPS = [
+    ("transformers", "<4.37", "diffusers<0.32"),
+    ("transformers", "<4.48", "diffusers<0.37"),
+    ("peft", "<0.15", "diffusers<0.34"),
+    ("peft", "<0.17", "diffusers<0.35"),
+]
 
 
 def _canon(name: str) -> str:
-    return name.lower().replace("_", "-")
+    return name.lower().replace("_", "-").replace(".", "-")
 
 
-def _version_of(name: str):
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
+def installed_versions() -> dict[str, str]:
+    """Every installed distribution (canonical name -> version)."""
+    out = {}
+    for dist in md.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out.setdefault(_canon(name), dist.version)
+    return out
 
 
 def read_requirements(path: Path = HERE / "requirements.txt") -> list[str]:
@@ -48,36 +57,41 @@ def read_requirements(path: Path = HERE / "requirements.txt") -> list[str]:
     return lines
 
 
-def plan(requirements: list[str], version_of=_version_of) -> tuple[list[str], list[str]]:
-    """Split requirements into (to install, warnings) given the installed versions."""
+def _packaging():
     try:
         from packaging.requirements import Requirement
+        from packaging.specifiers import SpecifierSet
     except ImportError:  # pip always vendors it
         from pip._vendor.packaging.requirements import Requirement
+        from pip._vendor.packaging.specifiers import SpecifierSet
+    return Requirement, SpecifierSet
 
+
+def plan(requirements: list[str], installed: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(requirements to install, warnings): only missing packages are installed; an installed one
+    that is too old is reported, never replaced, because the host or another extension may rely on it."""
+    Requirement, _ = _packaging()
     to_install, warnings = [], []
     for line in requirements:
         req = Requirement(line)
-        have = version_of(req.name)
-        if have is not None and (not req.specifier or req.specifier.contains(have, prereleases=True)):
-            continue
-        if _canon(req.name) in HOST_OWNED:
-            found = f"found {have}" if have else "not installed"
-            warnings.append(f"sdtune needs {line} ({found}); it is the host's package, so sdtune leaves it alone. "
-                            f"Update the WebUI if sdtune features fail.")
-        else:
+        have = installed.get(_canon(req.name))
+        if have is None:
             to_install.append(line)
+        elif req.specifier and not req.specifier.contains(have, prereleases=True):
+            warnings.append(f"sdtune needs {line} but {req.name} {have} is installed; sdtune leaves it as it is "
+                            f"(the WebUI or another extension may depend on it). Some features may fail.")
     return to_install, warnings
 
 
-def host_constraints(version_of=_version_of) -> str:
-    """A pip constraints file pinning every installed host-owned package to its current version."""
-    pins = []
-    for name in sorted(HOST_OWNED):
-        have = version_of(name)
-        if have:
-            pins.append(f"{name}=={have}")
-    return "\n".join(pins) + "\n"
+def constraints(installed: dict[str, str]) -> str:
+    """A pip constraints file: every installed package pinned as it is, plus the measured caps."""
+    _, SpecifierSet = _packaging()
+    lines = [f"{name}=={version}" for name, version in sorted(installed.items())]
+    for package, when, cap in COMPAT_CAPS:
+        have = installed.get(package)
+        if have is not None and SpecifierSet(when).contains(have, prereleases=True):
+            lines.append(cap)
+    return "\n".join(lines) + "\n"
 
 
 def vocabulary_available() -> bool:
@@ -102,18 +116,19 @@ def _pip(args: str, desc: str) -> None:
 
 
 def main() -> int:
-    to_install, warnings = plan(read_requirements())
+    installed = installed_versions()
+    to_install, warnings = plan(read_requirements(), installed)
     for w in warnings:
         print(f"sdtune: warning: {w}")
     if to_install:
-        fd, constraints = tempfile.mkstemp(prefix="sdtune-host-pins-", suffix=".txt")
+        fd, path = tempfile.mkstemp(prefix="sdtune-host-pins-", suffix=".txt")
         try:
             with os.fdopen(fd, "w") as fh:
-                fh.write(host_constraints())
+                fh.write(constraints(installed))
             quoted = " ".join(shlex.quote(r) for r in to_install)
-            _pip(f"install {quoted} -c {shlex.quote(constraints)}", "sdtune requirements: " + ", ".join(to_install))
+            _pip(f"install {quoted} -c {shlex.quote(path)}", "sdtune requirements: " + ", ".join(to_install))
         finally:
-            os.unlink(constraints)
+            os.unlink(path)
     if not vocabulary_available():
         _pip(f"install --no-deps {VOCAB_PACKAGE}", "CLIP vocabulary for sdtune (open-clip-torch, no deps)")
     return 0

@@ -1,12 +1,17 @@
 """Packaging stays consistent, and install.py never touches what the host pins."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,31 +40,37 @@ def test_pyproject_has_the_comfy_registry_block():
 @pytest.mark.compat
 def test_install_is_a_no_op_when_satisfied():
     install = _install_module()
-    to_install, warnings = install.plan(install.read_requirements())
+    to_install, warnings = install.plan(install.read_requirements(), install.installed_versions())
     assert to_install == [] and warnings == []
     out = subprocess.run([sys.executable, str(ROOT / "install.py")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
 
 
-def test_missing_own_package_is_installed_but_host_packages_only_warned():
+def test_only_missing_packages_are_installed_and_old_ones_only_reported():
     install = _install_module()
-    installed = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "numpy": "1.26.2"}
-    reqs = ["torch>=2.3", "transformers>=4.30.2", "diffusers>=0.27.0", "numpy>=1.24", "gradio>=3.41"]
-    to_install, warnings = install.plan(reqs, version_of=installed.get)
-    assert to_install == ["diffusers>=0.27.0"]
-    assert any("torch>=2.3" in w and "found 2.1.2+cu121" in w for w in warnings)
-    assert any("gradio>=3.41" in w and "not installed" in w for w in warnings)
+    installed = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "numpy": "1.26.2", "diffusers": "0.25.0"}
+    reqs = ["torch>=2.3", "transformers>=4.30.2", "diffusers>=0.28.0", "numpy>=1.24", "pyyaml>=6.0"]
+    to_install, warnings = install.plan(reqs, installed)
+    assert to_install == ["pyyaml>=6.0"]
+    assert len(warnings) == 2
+    assert any("torch>=2.3" in w and "2.1.2+cu121 is installed" in w for w in warnings)
+    assert any("diffusers>=0.28.0" in w and "0.25.0" in w for w in warnings)
 
 
-def test_constraints_pin_every_installed_host_package():
+def test_constraints_pin_everything_installed_and_add_the_measured_caps():
     install = _install_module()
-    installed = {"torch": "2.1.2+cu121", "gradio": "3.41.2", "transformers": "4.30.2", "diffusers": "0.31.0"}
-    pins = install.host_constraints(version_of=installed.get).split()
-    assert pins == ["gradio==3.41.2", "torch==2.1.2+cu121", "transformers==4.30.2"]
+    a1111 = {"torch": "2.1.2+cu121", "gradio": "3.41.2", "transformers": "4.30.2"}
+    pins = install.constraints(a1111).split()
+    assert pins[:3] == ["gradio==3.41.2", "torch==2.1.2+cu121", "transformers==4.30.2"]
+    assert "diffusers<0.32" in pins and "diffusers<0.37" in pins
+    forge = {"transformers": "4.46.1", "peft": "0.13.2", "diffusers": "0.31.0"}
+    assert {"diffusers<0.34", "diffusers<0.35", "diffusers<0.37"} <= set(install.constraints(forge).split())
+    newest = {"transformers": "5.23.0", "peft": "0.21.2"}
+    assert [p for p in install.constraints(newest).split() if "<" in p] == []
 
 
 def test_install_runs_pip_through_a1111_launch_with_the_constraints(tmp_path):
-    """With A1111's `launch` module present, install.py uses launch.run_pip and passes the host pins."""
+    """With A1111's `launch` module present, install.py uses launch.run_pip and passes the pins."""
     (tmp_path / "launch.py").write_text(
         "import json, sys\n"
         "def run_pip(args, desc):\n"
@@ -72,12 +83,16 @@ def test_install_runs_pip_through_a1111_launch_with_the_constraints(tmp_path):
             "m.main()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    import json
-
     call = json.loads(out.stdout.strip().splitlines()[0])
-    assert call["args"].startswith("install sdtune-not-a-real-package>=1 -c ") or \
-        call["args"].startswith("install 'sdtune-not-a-real-package>=1' -c ")
-    assert "torch==" in call["constraints"]
+    assert call["args"].split(" -c ")[0] in ("install sdtune-not-a-real-package>=1",
+                                              "install 'sdtune-not-a-real-package>=1'")
+    assert f"torch=={torch_version()}" in call["constraints"].split()
+
+
+def torch_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("torch")
 
 
 @pytest.mark.compat
