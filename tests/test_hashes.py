@@ -3,6 +3,7 @@
 import hashlib
 from io import BytesIO
 
+import pytest
 import safetensors.torch as st
 import torch
 
@@ -21,6 +22,7 @@ def _sd_scripts_hashes(data: bytes) -> tuple[str, str]:
     return model_hash, legacy
 
 
+@pytest.mark.compat
 def test_hashes_match_a1111_and_sd_scripts(tmp_path):
     tensors = {"w": torch.randn(640, 1024, generator=torch.Generator().manual_seed(1))}  # > 1 MiB file
     path = save_safetensors(tensors, tmp_path / "m.safetensors", {"ss_network_dim": "8"})

@@ -30,6 +30,7 @@ def test_every_tiny_architecture_loads_with_no_missing_or_unexpected_key(tiny_ch
     assert all(p.device.type == "cpu" for m in model.modules.values() for p in m.parameters())
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_loaded_modules_compute_exactly_what_the_generated_ones_do(fp32_checkpoints, arch):
     torch.manual_seed(0)

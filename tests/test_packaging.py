@@ -49,12 +49,12 @@ def test_install_is_a_no_op_when_satisfied():
 def test_only_missing_packages_are_installed_and_old_ones_only_reported():
     install = _install_module()
     installed = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "numpy": "1.26.2", "diffusers": "0.25.0"}
-    reqs = ["torch>=2.3", "transformers>=4.30.2", "diffusers>=0.28.0", "numpy>=1.24", "pyyaml>=6.0"]
+    reqs = ["torch>=2.3", "transformers>=4.30.2", "diffusers>=0.29.1", "numpy>=1.24", "pyyaml>=6.0"]
     to_install, warnings = install.plan(reqs, installed)
     assert to_install == ["pyyaml>=6.0"]
     assert len(warnings) == 2
     assert any("torch>=2.3" in w and "2.1.2+cu121 is installed" in w for w in warnings)
-    assert any("diffusers>=0.28.0" in w and "0.25.0" in w for w in warnings)
+    assert any("diffusers>=0.29.1" in w and "0.25.0" in w for w in warnings)
 
 
 def test_constraints_pin_everything_installed_and_add_the_measured_caps():

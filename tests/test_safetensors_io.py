@@ -40,6 +40,7 @@ def _tensors():
     }
 
 
+@pytest.mark.compat
 def test_written_file_is_byte_identical_to_safetensors_save(tmp_path):
     t = _tensors()
     ours = save_safetensors(t, tmp_path / "ours.safetensors", {"ss_network_dim": "4"})
@@ -101,6 +102,7 @@ def test_exception_inside_atomic_write_keeps_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.compat
 def test_killed_write_leaves_the_old_file_intact(tmp_path):
     """SIGKILL in the middle of a 64 MB write: the target keeps its old bytes; the next write cleans up."""
     target = tmp_path / "big.safetensors"

@@ -59,6 +59,7 @@ def clip_l(tmp_path_factory):
         yield tok.load_clip_tokenizer("clip_l")
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("prompt", list(REFERENCE_IDS))
 def test_clip_l_ids_match_openai_reference(clip_l, prompt):
     assert clip_l(prompt)["input_ids"] == REFERENCE_IDS[prompt]
@@ -83,6 +84,7 @@ def test_clip_l_encode_prompts_pads_with_eos_49407():
     assert ids[0, 7:].eq(EOS).all() and ids[1, 4:].eq(EOS).all()
 
 
+@pytest.mark.compat
 def test_open_clip_encode_prompts_pads_with_zero():
     tokenizer = tok.load_clip_tokenizer("open_clip")
     assert tokenizer.pad_token_id == 0
@@ -91,6 +93,7 @@ def test_open_clip_encode_prompts_pads_with_zero():
     assert ids[0, 7:].eq(0).all()
 
 
+@pytest.mark.compat
 def test_open_clip_flavour_still_encodes_exclamation_as_256_like_openclip():
     clip_l, open_clip = (
         tok.load_clip_tokenizer("clip_l"),

@@ -109,7 +109,7 @@ def _convert(name: str, family: str, source: StateDictSource, prefix: str, cfg: 
     if _text_encoder_classes(family, name)[1]:
         sd = sfu.convert_open_clip_checkpoint(module, source, prefix=prefix)
     else:
-        sd = sfu.convert_ldm_clip_checkpoint(source)  # strips both SD1 and SDXL-TE1 prefixes (diffusers >= 0.28)
+        sd = sfu.convert_ldm_clip_checkpoint(source)   # strips the SD1 and SDXL-TE1 prefixes
     return fit_clip_keys(sd, module)
 
 
