@@ -94,6 +94,8 @@ def _unwrap(obj, path: Path) -> dict:
 def open_checkpoint(path: str | os.PathLike) -> StateDictSource:
     """Open a model file safely; refuses anything that would need unpickling code."""
     p = Path(path)
+    if p.is_dir():
+        raise SdtuneError(f"{p}: a folder, not a model file (a diffusers model folder needs its model_index.json)")
     if not p.is_file():
         raise SdtuneError(f"{p}: no such file")
     suffix = p.suffix.lower()

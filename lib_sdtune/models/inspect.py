@@ -12,6 +12,8 @@ from typing import Optional
 from ..io.checkpoint import open_checkpoint
 from ..io.detect import component_keys, detect_architecture
 from ..io.hashes import file_hashes
+from ..io.safetensors_io import SafetensorsFile
+from .diffusers_folder import detect_folder_architecture, folder_weight_files, is_diffusers_folder
 from .hints import ModelHints, resolve_hints
 from .loader import load_checkpoint
 
@@ -58,6 +60,8 @@ def inspect_model(path: str | os.PathLike, *, load: bool = False, hashes: bool =
                   hints: Optional[ModelHints] = None) -> ModelInfo:
     """Architecture, parameter counts, dtype and hashes; with `load`, load every component and report keys."""
     p = Path(path)
+    if is_diffusers_folder(p):
+        return _inspect_folder(p, load=load, hints=hints)
     source = open_checkpoint(p)
     shapes = source.shapes()
     arch = detect_architecture(shapes, str(p))
@@ -91,6 +95,38 @@ def inspect_model(path: str | os.PathLike, *, load: bool = False, hashes: bool =
             info.unexpected_keys = loaded.report.unexpected_keys
             info.ignored_keys = loaded.report.ignored_keys
     return info
+
+
+def _inspect_folder(folder: Path, *, load: bool, hints: Optional[ModelHints]) -> ModelInfo:
+    """`model info` for a diffusers folder: counts and dtype from the safetensors headers."""
+    arch = detect_folder_architecture(folder)
+    source = str(folder / "scheduler" / "scheduler_config.json")
+    if hints is not None and hints.prediction_type:
+        arch, source = replace(arch, prediction_type=hints.prediction_type), hints.source
+    files = folder_weight_files(folder, arch)
+    counts, dtypes = {}, Counter()
+    for name, path in files.items():
+        sf = SafetensorsFile(path)
+        counts[name] = sum(_numel(i.shape) for i in sf.tensors.values())
+        for k, i in sf.tensors.items():
+            dtypes[str(sf.dtype(k)).replace("torch.", "")] += _numel(i.shape)
+    info = ModelInfo(file=str(folder), size_bytes=sum(f.stat().st_size for f in files.values()),
+                     architecture=arch.architecture, family=arch.family, prediction_type=arch.prediction_type,
+                     prediction_source=source, variant=arch.variant, components=counts,
+                     dtype=_dtype_name(dtypes), hashes={}, metadata={})
+    if load:
+        start = time.perf_counter()
+        loaded = load_checkpoint(folder, hints=hints)
+        info.loaded, info.load_seconds = True, round(time.perf_counter() - start, 3)
+        info.missing_keys, info.unexpected_keys = loaded.report.missing_keys, loaded.report.unexpected_keys
+    return info
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def format_count(n: int) -> str:

@@ -18,6 +18,7 @@ from ..errors import SdtuneError
 from ..io.checkpoint import StateDictSource, open_checkpoint
 from ..io.detect import ArchInfo, component_keys, detect_architecture, ignored_key_pattern
 from . import configs
+from .diffusers_folder import is_diffusers_folder, load_diffusers_folder
 from .hints import ModelHints, resolve_hints
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -183,6 +184,8 @@ def load_components(source: StateDictSource, arch: ArchInfo, hints: ModelHints,
 def load_checkpoint(path: str | os.PathLike | StateDictSource, *, components: Optional[Iterable[str]] = None,
                     hints: Optional[ModelHints] = None, dtype: Optional[torch.dtype] = None) -> LoadedModel:
     """Open, detect, and load a checkpoint; SD2's v-prediction is settled by flag, yaml, or A1111's test."""
+    if not isinstance(path, StateDictSource) and is_diffusers_folder(path):
+        return _load_folder(Path(path), components, hints, dtype)
     source = path if isinstance(path, StateDictSource) else open_checkpoint(path)
     what = str(source.path) if source.path else "checkpoint"
     arch = detect_architecture(source.shapes(), what)
@@ -202,6 +205,17 @@ def load_checkpoint(path: str | os.PathLike | StateDictSource, *, components: Op
         if components is not None and "unet" not in components:
             modules.pop("unet", None)
     return LoadedModel(arch=arch, hints=resolved, modules=modules, report=report, path=source.path)
+
+
+def _load_folder(folder: Path, components, hints: Optional[ModelHints], dtype) -> LoadedModel:
+    """A diffusers-format folder: its scheduler config says eps or v unless the user does."""
+    arch, modules, missing, unexpected = load_diffusers_folder(folder, components, dtype)
+    source = f"{folder / 'scheduler' / 'scheduler_config.json'}"
+    if hints is not None and hints.prediction_type:
+        arch, source = replace(arch, prediction_type=hints.prediction_type), hints.source
+    return LoadedModel(arch=arch, hints=ModelHints(prediction_type=arch.prediction_type, source=source),
+                       modules=modules, report=LoadReport(missing_keys=missing, unexpected_keys=unexpected),
+                       path=folder)
 
 
 def decide_sd2_prediction(arch: ArchInfo, unet: Optional[torch.nn.Module]) -> str:
