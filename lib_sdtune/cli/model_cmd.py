@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Architecture (sd1 / sd2 / sd2-v / sdxl / sdxl-refiner), parameter count per component, "
                     "dtype and the hashes A1111, Civitai and sd-scripts show. With --load, every component is "
                     "loaded into diffusers/transformers modules and missing / unexpected keys are reported.")
-    info.add_argument("ckpt", metavar="CKPT", help=".safetensors (or .ckpt/.pt, read as plain tensors only)")
+    info.add_argument("ckpt", metavar="CKPT",
+                      help=".safetensors, .ckpt/.pt (read as plain tensors only), or a diffusers model folder")
     info.add_argument("--load", action="store_true", help="load every component and report key mismatches")
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     info.add_argument("--no-hash", action="store_true", help="skip hashing (faster on multi-GB files)")
