@@ -8,7 +8,7 @@ import pytest
 from lib_sdtune.errors import SdtuneError, UnsupportedModelError
 from lib_sdtune.io.detect import detect_architecture
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REF = Path(__file__).resolve().parent / "data" / "reference"
 
 
 def _ref(name):

@@ -9,7 +9,7 @@ from lib_sdtune.io.checkpoint import source_from_shapes
 from lib_sdtune.models.hints import ModelHints
 from lib_sdtune.models.loader import load_checkpoint
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REF = Path(__file__).resolve().parent / "data" / "reference"
 
 # parameter counts of the published models' diffusers components
 EXPECTED = {

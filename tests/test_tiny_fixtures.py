@@ -26,7 +26,7 @@ from lib_sdtune.models.to_ldm import open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
 torch.set_num_threads(1)
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REF = Path(__file__).resolve().parent / "data" / "reference"
 REFERENCE_OF = {"sd1": "sd15", "sd2": "sd21", "sd2-v": "sd21", "sdxl": "sdxl_base"}
 # keys real files may carry beside the reference layout (reference/README.md)
 EXTRA = re.compile(r"^(.*\.position_ids|betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod"

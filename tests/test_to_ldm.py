@@ -17,7 +17,7 @@ from lib_sdtune.models.to_ldm import clip_to_ldm, open_clip_to_ldm, unet_to_ldm,
 
 torch.set_num_threads(1)
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REF = Path(__file__).resolve().parent / "data" / "reference"
 
 # ---- real-size architectures (feasibility study, Appendix B; OpenCLIP-H as the full 24-block tower) ----
 SD15_UNET = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
