@@ -32,10 +32,13 @@ def test_sdxl_v_pred_marker_key_means_v_prediction():
     assert info.prediction_type == "v_prediction" and info.architecture == "sdxl"
 
 
-def test_inpainting_unet_is_a_variant():
+def test_inpainting_unet_is_a_variant_and_sd2_inpainting_is_eps():
     shapes = _ref("sd15")
     shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
     assert detect_architecture(shapes).variant == "inpaint"
+    shapes = _ref("sd21")
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
+    assert detect_architecture(shapes).prediction_type == "epsilon"
 
 
 def test_refiner_is_told_apart_by_its_single_openclip_encoder():

@@ -125,7 +125,7 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], what: str = "checkp
         vpred = any(k in shapes for k in ("v_pred", "edm_vpred.sigma_max"))
         prediction = "v_prediction" if vpred else "epsilon"
     elif family == "sd2":
-        prediction = "undecided"
+        prediction = "epsilon" if variant else "undecided"  # A1111 runs SD2 inpainting models as eps
     else:
         prediction = "epsilon"
 

@@ -219,11 +219,9 @@ def _load_folder(folder: Path, components, hints: Optional[ModelHints], dtype) -
 
 
 def decide_sd2_prediction(arch: ArchInfo, unet: Optional[torch.nn.Module]) -> str:
-    """A1111's default for SD2 with no yaml and no flag: inpainting models are eps, else run the v test."""
+    """A1111's default for SD2 with no yaml and no flag: run the v test on the loaded UNet."""
     from .vpred import is_v_prediction_unet
 
-    if arch.variant:
-        return "epsilon"
     if unet is None:
         raise SdtuneError("cannot tell whether this SD2 model predicts v or eps without its UNet; "
                           "pass --v-pred/--eps or put the original .yaml beside the checkpoint")
