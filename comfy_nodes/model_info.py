@@ -8,6 +8,7 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..lib_sdtune.errors import SdtuneError
 from ..lib_sdtune.models.inspect import format_model_info, inspect_model
 
 
@@ -38,5 +39,8 @@ class SdtuneModelInfo(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name: str, load_check: bool) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        info = inspect_model(path, load=load_check)
+        try:
+            info = inspect_model(path, load=load_check)
+        except SdtuneError as e:  # ComfyUI would name the pack's on-disk module path as the error type
+            raise ValueError(str(e)) from e
         return io.NodeOutput(json.dumps(info.to_dict(), indent=2), ui=ui.PreviewText(format_model_info(info)))

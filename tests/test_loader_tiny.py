@@ -138,3 +138,13 @@ def test_unknown_checkpoint_keys_are_reported_not_dropped(tiny_checkpoints):
     report = load_checkpoint(source_from_tensors(tensors), components=["unet"]).report
     assert "checkpoint.model.diffusion_model.input_blocks.1.1.extra_adapter.weight" in report.unexpected_keys
     assert "checkpoint.some_other_net.weight" in report.unexpected_keys
+
+
+def test_a_missing_dependency_is_reported_with_the_install_command(tiny_checkpoints, monkeypatch):
+    import sys
+
+    from lib_sdtune.errors import SdtuneError
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # makes `import accelerate` raise ImportError
+    with pytest.raises(SdtuneError, match="pip install -r requirements.txt"):
+        load_checkpoint(tiny_checkpoints["sd1"], components=["vae"])

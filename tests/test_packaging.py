@@ -33,7 +33,7 @@ def test_pyproject_has_the_comfy_registry_block():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     comfy = data["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] == "sdtune"
-    assert (ROOT / comfy["web"]).is_dir()
+    assert "web" not in comfy  # WEB_DIRECTORY alone declares it (twice would load the JS twice)
     assert "Repository" in data["project"]["urls"]
 
 

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..errors import SdtuneError
+from ..errors import SdtuneError, missing_requirement
 from ..io.checkpoint import StateDictSource, open_checkpoint
 from ..io.detect import ArchInfo, component_keys, detect_architecture, ignored_key_pattern
 from . import configs
@@ -184,6 +184,13 @@ def load_components(source: StateDictSource, arch: ArchInfo, hints: ModelHints,
 def load_checkpoint(path: str | os.PathLike | StateDictSource, *, components: Optional[Iterable[str]] = None,
                     hints: Optional[ModelHints] = None, dtype: Optional[torch.dtype] = None) -> LoadedModel:
     """Open, detect, and load a checkpoint; SD2's v-prediction is settled by flag, yaml, or A1111's test."""
+    try:
+        return _load_checkpoint(path, components, hints, dtype)
+    except ImportError as e:
+        raise missing_requirement(e) from e
+
+
+def _load_checkpoint(path, components, hints, dtype) -> LoadedModel:
     if not isinstance(path, StateDictSource) and is_diffusers_folder(path):
         return _load_folder(Path(path), components, hints, dtype)
     source = path if isinstance(path, StateDictSource) else open_checkpoint(path)
