@@ -1,0 +1,1 @@
+"""Adapter networks (LoRA/LyCORIS): kohya-compatible module names, targets and file layout."""
