@@ -66,6 +66,7 @@ def run_variant(code: str, src: Path, dst: Path) -> tuple[float, float]:
               f"SRC, DST = {str(src)!r}, {str(dst)!r}\n"
               "_t0 = time.perf_counter()\n" + code +
               "\nprint(json.dumps([time.perf_counter() - _t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n")
+    dst.unlink(missing_ok=True)  # every variant writes a new file (overwriting in place is faster on some disks)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     seconds, rss_kb = json.loads(out.stdout.strip().splitlines()[-1])
     return seconds, rss_kb / 1024
@@ -82,10 +83,11 @@ def main() -> int:
         print(f"source: {src.stat().st_size / 2**20:.0f} MiB, {args.size_mb // 8} tensors; best of {args.repeat}")
         print(f"{'variant':<72} {'time s':>8} {'peak RSS MiB':>13} {'time ratio':>11} {'RSS ratio':>10}")
         for base_name, base_code, name, code in PAIRS:
-            best = []
-            for label, snippet in ((base_name, base_code), (name, code)):
-                runs = [run_variant(snippet, src, dst) for _ in range(args.repeat)]
-                best.append((label, min(r[0] for r in runs), min(r[1] for r in runs)))
+            runs: dict[str, list[tuple[float, float]]] = {base_name: [], name: []}
+            for _ in range(args.repeat):  # interleaved, so disk and load drift hit both alike
+                for label, snippet in ((base_name, base_code), (name, code)):
+                    runs[label].append(run_variant(snippet, src, dst))
+            best = [(label, min(r[0] for r in rs), min(r[1] for r in rs)) for label, rs in runs.items()]
             (_, bt, brss) = best[0]
             for label, t, rss in best:
                 print(f"{label:<72} {t:>8.3f} {rss:>13.0f} {t / bt:>10.2f}x {rss / brss:>9.2f}x")

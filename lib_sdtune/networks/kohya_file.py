@@ -1,0 +1,122 @@
+"""Reading and writing LoRA files as kohya sd-scripts does: tensors, `ss_*`, `sshs_*` and ModelSpec metadata.
+
+Values follow sd-scripts: `train_network.py` (ss_*, stringified with `str()`), `library/train_util.py`
+`precalculate_safetensors_hashes` (hashes of the file serialised with only the ss_* keys),
+`library/model_util.py`/`sdxl_model_util.py` (ss_base_model_version) and `library/sai_model_spec.py`
+(modelspec.*, spec 1.0.1; implementation "diffusers" for SD1/SD2 LoRA names, SGM URL for SDXL).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from ..errors import SdtuneError, UnsafeFileError
+from ..io.safetensors_io import SafetensorsFile, build_header, save_safetensors, st_dtype_name, tensor_bytes
+from .network import LoraNetwork
+
+__all__ = ["save_lora", "load_lora", "lora_metadata", "precalculate_hashes"]
+
+SS_METADATA_MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
+                            "ss_network_alpha", "ss_network_args")
+_IMPL_SGM = "https://github.com/Stability-AI/generative-models"
+_LEGACY_OFFSET, _LEGACY_SIZE = 0x100000, 0x10000
+
+
+def _base_model_version(family: str, v_pred: bool) -> str:
+    """sd-scripts' `ss_base_model_version`: sd_v1, sd_v2, sd_v2_v (v-pred SD2) or sdxl_base_v1-0."""
+    if family.startswith("sdxl"):
+        return "sdxl_base_v1-0"  # sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0 (the refiner is not trained)
+    return ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_pred else "")
+
+
+def _architecture(family: str, v_pred: bool) -> str:
+    """sai_model_spec.determine_architecture(..., lora=True)."""
+    if family.startswith("sdxl"):
+        return "stable-diffusion-xl-v1-base/lora"
+    if family == "sd2":
+        return ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512") + "/lora"
+    return "stable-diffusion-v1/lora"
+
+
+def lora_metadata(network: LoraNetwork, output_name: str, v_pred: bool = False,
+                  extra: Optional[Mapping[str, str]] = None, timestamp: Optional[float] = None) -> dict[str, str]:
+    """The ss_* and modelspec.* keys sd-scripts writes for this network (extra entries override them)."""
+    cfg, family = network.config, network.family
+    args: dict[str, str] = {}
+    if cfg.conv_rank:
+        args = {"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
+    sdxl = family.startswith("sdxl")
+    ts = time.time() if timestamp is None else timestamp
+    reso = 1024 if sdxl else 768 if family == "sd2" and v_pred else 512
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.rank),
+        "ss_network_alpha": str(cfg.alpha),
+        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": _base_model_version(family, v_pred),
+        "ss_output_name": output_name,
+        "ss_training_comment": "None",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": _architecture(family, v_pred),
+        "modelspec.implementation": _IMPL_SGM if sdxl else "diffusers",
+        "modelspec.title": output_name,
+        "modelspec.resolution": f"{reso}x{reso}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(ts)).isoformat(),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+    if args:  # sd-scripts writes ss_network_args only when --network_args was given
+        meta["ss_network_args"] = json.dumps(args)
+    meta.update(extra or {})
+    return meta
+
+
+def precalculate_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) of the file serialised with only the ss_* metadata, in memory.
+
+    Streams tensor bytes through sha256 in the writer's order (= safetensors' order), so nothing is
+    serialised twice: the data hash does not depend on the header, and the legacy hash reads only the
+    64 KiB window at 1 MiB of header + data.
+    """
+    specs = {k: (st_dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+    header, _, order = build_header(specs, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    data_hash, legacy = hashlib.sha256(), hashlib.sha256()
+    pos = 0
+    for chunk in [memoryview(header)] + [tensor_bytes(tensors[n]) for n in order]:
+        lo, hi = max(_LEGACY_OFFSET, pos), min(_LEGACY_OFFSET + _LEGACY_SIZE, pos + len(chunk))
+        if lo < hi:
+            legacy.update(chunk[lo - pos:hi - pos])
+        if pos > 0:  # everything after the header is the data section
+            data_hash.update(chunk)
+        pos += len(chunk)
+    return data_hash.hexdigest(), legacy.hexdigest()[:8]
+
+
+def save_lora(network: LoraNetwork, path: str | os.PathLike, metadata: Optional[Mapping[str, str]] = None,
+              dtype: Optional[torch.dtype] = torch.float16, v_pred: bool = False) -> Path:
+    """Write `network` as an sd-scripts LoRA .safetensors (atomic), with ss_*, sshs_* and modelspec.* keys."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        raise SdtuneError(f"{p}: LoRA files are written as .safetensors only")
+    tensors = network.state_dict_kohya(dtype)
+    meta = lora_metadata(network, p.stem, v_pred=v_pred, extra=metadata)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_hashes(tensors, meta)
+    return save_safetensors(tensors, p, meta)
+
+
+def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a LoRA .safetensors; pickled formats (.pt/.ckpt/.bin) are refused."""
+    p = Path(path)
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if p.suffix.lower() != ".safetensors" or head[:2] == b"PK" or head[:1] == b"\x80":
+        raise UnsafeFileError(f"{p}: only .safetensors LoRA files are loaded (pickled .pt/.ckpt files can run code)")
+    with SafetensorsFile(p) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata)

@@ -1,0 +1,135 @@
+"""One LoRA/LoCon module with kohya sd-scripts' math (`networks/lora.py` `LoRAModule`), removable.
+
+`y = org(x) + lora_up(lora_down(x)) * multiplier * scale`, `scale = alpha / rank`; `lora_down` is a
+Linear(in, r) or a Conv2d(in, r) with the original kernel/stride/padding, `lora_up` a Linear(r, out) or
+1x1 Conv2d(r, out); down is kaiming-uniform(a=sqrt(5)), up is zeros, so a new module is a no-op.
+The wrapped layer's `forward` is swapped (as sd-scripts does) and put back exactly by `remove()`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import SdtuneError
+
+__all__ = ["LoraModule"]
+
+
+def _fp32(value: float) -> float:
+    """alpha as sd-scripts holds it (an fp32 buffer), so the in-memory scale equals the saved file's."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+class LoraModule(nn.Module):
+    """The low-rank update of one nn.Linear or nn.Conv2d, as sd-scripts trains and saves it."""
+
+    def __init__(self, name: str, org_module: nn.Module, rank: int, alpha: Optional[float] = None,
+                 multiplier: float = 1.0):
+        super().__init__()
+        if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
+            raise SdtuneError(f"LoRA {name!r}: cannot wrap a {type(org_module).__name__} (Linear or Conv2d only)")
+        if rank < 1:
+            raise SdtuneError(f"LoRA {name!r}: rank must be at least 1, got {rank}")
+        self.lora_name = name
+        self.rank = int(rank)
+        self.alpha = _fp32(rank if alpha is None or alpha == 0 else alpha)
+        self.multiplier = float(multiplier)
+        w = org_module.weight
+        factory: dict[str, Any] = {"device": w.device, "dtype": torch.float32 if w.device.type != "meta" else w.dtype}
+        if isinstance(org_module, nn.Conv2d):
+            self.lora_down: nn.Module = nn.Conv2d(org_module.in_channels, rank, org_module.kernel_size,
+                                                  org_module.stride, org_module.padding, bias=False, **factory)
+            self.lora_up: nn.Module = nn.Conv2d(rank, org_module.out_channels, 1, 1, bias=False, **factory)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, rank, bias=False, **factory)
+            self.lora_up = nn.Linear(rank, org_module.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        # kept in a list so the original layer is not a submodule (not in parameters() or state_dict())
+        self._org: list[nn.Module] = [org_module]
+        self._org_forward: Optional[Callable[..., torch.Tensor]] = None
+        self._had_instance_forward = False
+        self.merged = False
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor sd-scripts applies to up(down(x))."""
+        return self.alpha / self.rank
+
+    @property
+    def org_module(self) -> nn.Module:
+        """The wrapped Linear/Conv2d."""
+        return self._org[0]
+
+    @property
+    def applied(self) -> bool:
+        return self._org_forward is not None
+
+    def set_alpha(self, alpha: Optional[float]) -> None:
+        """Set alpha (None/0 -> rank, as sd-scripts reads a file without `.alpha`)."""
+        self.alpha = _fp32(self.rank if alpha is None or alpha == 0 else alpha)
+
+    def apply(self) -> None:
+        """Route the original layer's forward through this module (idempotent)."""
+        if self.applied:
+            return
+        org = self.org_module
+        self._had_instance_forward = "forward" in org.__dict__
+        self._org_forward = org.forward
+        org.forward = self.forward
+
+    def remove(self) -> None:
+        """Give the original layer back its own forward, exactly as it was."""
+        if not self.applied:
+            return
+        org = self.org_module
+        if self._had_instance_forward:
+            org.forward = self._org_forward
+        else:
+            del org.forward
+        self._org_forward = None
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The update alone: up(down(x)) * multiplier * scale."""
+        lx = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        return lx * (self.multiplier * self.scale)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The wrapped layer's output plus the update (the update is skipped while merged)."""
+        org_forward = self._org_forward if self._org_forward is not None else self.org_module.forward
+        y = org_forward(x, *args, **kwargs)
+        if self.merged or self.multiplier == 0:
+            return y
+        return y + self.lora_forward(x).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW with the original weight's shape: multiplier * scale * (up @ down), in fp32."""
+        up = self.lora_up.weight.float()
+        down = self.lora_down.weight.float()
+        delta = up.flatten(1) @ down.flatten(1)
+        return delta.reshape(self.org_module.weight.shape) * (self.multiplier * self.scale)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW into the original weight (forward then skips the update)."""
+        if self.merged:
+            return
+        w = self.org_module.weight
+        w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW from the original weight again (exact up to float rounding)."""
+        if not self.merged:
+            return
+        w = self.org_module.weight
+        w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"name={self.lora_name}, rank={self.rank}, alpha={self.alpha:g}, multiplier={self.multiplier:g}"

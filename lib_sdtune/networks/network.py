@@ -1,0 +1,153 @@
+"""A LoRA/LoCon network over a model's U-Net and text encoders, with sd-scripts' names and rank rules.
+
+Targets come from `naming.lora_targets` (kohya names whatever the live module tree is); 3x3 convs are
+wrapped only with `conv_rank` set and get `conv_rank`/`conv_alpha`, every other layer `rank`/`alpha`
+(`networks/lora.py` `create_modules` in sd-scripts). The kohya state dict is built here, not through
+diffusers' `convert_state_dict_to_kohya` (which writes alpha = rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..errors import SdtuneError
+from .lora import LoraModule
+from .naming import LoraTarget, lora_targets
+
+__all__ = ["LoraConfig", "LoraNetwork"]
+
+_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+@dataclass
+class LoraConfig:
+    """sd-scripts' `network_dim`/`network_alpha` and `conv_dim`/`conv_alpha` (conv_alpha defaults to 1)."""
+
+    rank: int = 4
+    alpha: float = 1.0
+    conv_rank: Optional[int] = None
+    conv_alpha: Optional[float] = None
+    train_unet: bool = True
+    train_text_encoder: bool = True
+    multiplier: float = 1.0
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        """sd-scripts: conv_alpha is 1 when conv_dim is given without it."""
+        return 1.0 if self.conv_alpha is None else float(self.conv_alpha)
+
+
+class LoraNetwork(nn.Module):
+    """Every LoRA module of one model, keyed by kohya name; apply/remove/merge and kohya (de)serialisation."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], family: str, config: LoraConfig):
+        super().__init__()
+        self.family = family
+        self.config = config
+        components = [c for c in ("unet",) if config.train_unet]
+        components += [c for c in ("text_encoder", "text_encoder_2") if config.train_text_encoder]
+        chosen = {c: modules[c] for c in components if c in modules}
+        if not chosen:
+            raise SdtuneError("the LoRA network has nothing to train: no U-Net or text encoder was selected")
+        conv = config.conv_rank is not None and config.conv_rank > 0
+        self.targets: dict[str, LoraTarget] = {}
+        self.loras = nn.ModuleDict()
+        for t in lora_targets(chosen, family, conv=conv):
+            if t.uses_conv_dim:
+                rank, alpha = int(config.conv_rank or 0), config.effective_conv_alpha
+            else:
+                rank, alpha = config.rank, config.alpha
+            org = chosen[t.component].get_submodule(t.module_path)
+            self.targets[t.name] = t
+            self.loras[t.name] = LoraModule(t.name, org, rank, alpha, config.multiplier)
+
+    def __iter__(self) -> Iterator[LoraModule]:  # type: ignore[override]
+        return iter(self.loras.values())
+
+    def lora(self, name: str) -> LoraModule:
+        """The module for one kohya name."""
+        return self.loras[name]  # type: ignore[return-value]
+
+    def names(self, component: Optional[str] = None) -> list[str]:
+        """kohya names, optionally of one component (unet / text_encoder / text_encoder_2)."""
+        return [n for n, t in self.targets.items() if component is None or t.component == component]
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Strength of every module (A1111's `<lora:name:multiplier>`)."""
+        self.config.multiplier = multiplier
+        for m in self:
+            m.multiplier = float(multiplier)
+
+    def apply_to(self) -> None:
+        """Hook every module into its layer's forward."""
+        for m in self:
+            m.apply()
+
+    def remove(self) -> None:
+        """Restore every wrapped layer's original forward (weights untouched unless merged)."""
+        for m in self:
+            m.remove()
+
+    def merge_into_weights(self) -> None:
+        """Add every ΔW into the model weights (the hooks, if applied, then pass through)."""
+        for m in self:
+            m.merge()
+
+    def unmerge_from_weights(self) -> None:
+        """Take every ΔW back out of the model weights."""
+        for m in self:
+            m.unmerge()
+
+    def state_dict_kohya(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-dim), cast to `dtype`.
+
+        sd-scripts casts every tensor, alpha included, to the save dtype; alpha is kept fp32 only where
+        `dtype` cannot hold its exact value (fp16/bf16 hold every integer alpha a user picks up to 2048/256).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, m in self.loras.items():
+            assert isinstance(m, LoraModule)
+            down, up = m.lora_down.weight.detach(), m.lora_up.weight.detach()
+            alpha = torch.tensor(m.alpha, dtype=torch.float32)
+            if dtype is not None:
+                down, up = down.to(dtype), up.to(dtype)
+                if float(alpha.to(dtype)) == m.alpha:
+                    alpha = alpha.to(dtype)
+            out[f"{name}.lora_down.weight"] = down.cpu().contiguous()
+            out[f"{name}.lora_up.weight"] = up.cpu().contiguous()
+            out[f"{name}.alpha"] = alpha
+        return out
+
+    @torch.no_grad()
+    def load_kohya_state_dict(self, sd: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
+        """Copy a kohya LoRA state dict in (alpha from the file; missing alpha = rank); returns unused keys."""
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        unused: list[str] = []
+        for key, t in sd.items():
+            suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+            name = key[: -len(suffix)] if suffix else None
+            if suffix is None or name not in self.loras:
+                unused.append(key)
+                continue
+            grouped.setdefault(name, {})[suffix] = t
+        missing = [n for n in self.loras if n not in grouped]
+        if strict and (unused or missing):
+            raise SdtuneError(f"LoRA state dict does not fit this network: {len(unused)} unknown keys "
+                              f"(first: {unused[:3]}), {len(missing)} modules missing (first: {missing[:3]})")
+        for name, parts in grouped.items():
+            m = self.lora(name)
+            if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
+                raise SdtuneError(f"LoRA module {name!r} lacks lora_down or lora_up in the state dict")
+            for suffix, layer in ((".lora_down.weight", m.lora_down), (".lora_up.weight", m.lora_up)):
+                w = parts[suffix]
+                if tuple(w.shape) != tuple(layer.weight.shape):
+                    raise SdtuneError(f"{name}{suffix}: shape {list(w.shape)} in the file, "
+                                      f"{list(layer.weight.shape)} in the network (different rank or model)")
+                layer.weight.copy_(w.to(layer.weight.dtype))
+            alpha = parts.get(".alpha")
+            m.set_alpha(float(alpha.float().item()) if alpha is not None else None)
+        return unused
