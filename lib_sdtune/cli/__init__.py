@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..errors import SdtuneError
-from . import demo_cmd, model_cmd, pending, ui_cmd
+from . import demo_cmd, lora_cmd, model_cmd, pending, ui_cmd
 
 EXIT_ERROR = 1
 EXIT_NOT_BUILT = 2
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     model_cmd.register(sub)
     demo_cmd.register(sub)
+    lora_cmd.register(sub)
     ui_cmd.register(sub)
     pending.register(sub)
     return parser

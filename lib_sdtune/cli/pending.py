@@ -10,7 +10,6 @@ PENDING: dict[str, tuple[tuple[str, ...], str, int]] = {
     "plan": ((), "recommend steps/epochs/LR for a dataset and write a train config", 4),
     "train": ((), "train a LoRA/LyCORIS adapter from a kohya-style config", 5),
     "merge": ((), "merge checkpoints (weighted sum, add difference, block weights, ...)", 6),
-    "lora": (("info", "bake", "merge", "resize", "extract"), "inspect, bake, merge, resize and extract LoRAs", 6),
     "repair": (("te-override", "te-blend", "lora-te", "diagnose", "pick-epoch"),
                "over-fit diagnosis and repair (TE override/blend, LoRA TE surgery)", 7),
     "tag": (("stats", "edit", "wd14", "lint"), "caption statistics, batch edits, WD14 tagging, dataset lint", 8),
@@ -24,10 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         if subs:
             p.add_argument("subcommand", choices=subs, nargs="?", help="what to do")
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_not_built, issue=issue)
+        p.set_defaults(func=not_built, issue=issue)
 
 
-def _not_built(args: argparse.Namespace) -> int:
+def not_built(args: argparse.Namespace) -> int:
     what = args.command + (f" {args.subcommand}" if getattr(args, "subcommand", None) else "")
     sys.stderr.write(f"sdtune {what}: not built yet in this version (tracked as issue #{args.issue}).\n")
     return 2
