@@ -85,3 +85,16 @@ def test_cli_lora_info_json_has_the_contract_fields(tiny_checkpoints, tmp_path):
     for field in ("algorithm", "rank", "base_model_version", "te_modules", "unet_modules", "tags"):
         assert field in info
     assert info["rank"] == 4 and info["te_modules"] == 72 and info["unet_modules"] == 192
+
+
+def test_a_lora_for_another_architecture_is_refused_naming_its_own(tmp_path):
+    from lib_sdtune.networks.lora_info import check_lora_fits
+
+    sd1 = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768)}
+    info = inspect_lora(save_safetensors(sd1, tmp_path / "sd1_style.safetensors"))
+    check_lora_fits(info, "sd1")
+    with pytest.raises(SdtuneError, match=r"sd1_style.safetensors: this LoRA was made for SD 1.x .* the model is SDXL"):
+        check_lora_fits(info, "sdxl")
+    xl = save_safetensors(sd1, tmp_path / "xl.safetensors", {"ss_base_model_version": "sdxl_base_v1-0"})
+    with pytest.raises(SdtuneError, match="made for SDXL"):
+        check_lora_fits(inspect_lora(xl), "sd2")

@@ -149,3 +149,28 @@ def format_lora_info(info: LoraInfo) -> str:
         top = ", ".join(f"{t} ({n})" for t, n in list(info.tags.items())[:15])
         lines.append(f"tags:        {top}{', ...' if len(info.tags) > 15 else ''}")
     return "\n".join(lines)
+
+
+_FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner"}
+
+
+def lora_family(base_model_version: str) -> str | None:
+    """The model family a `ss_base_model_version` value stands for (sd1, sd2, sdxl), or None if unknown."""
+    v = base_model_version.lower()
+    if v.startswith("sdxl"):
+        return "sdxl"
+    if v.startswith("sd_v2") or v.startswith("sd2"):
+        return "sd2"
+    if v.startswith("sd_v1") or v.startswith("sd1"):
+        return "sd1"
+    return None
+
+
+def check_lora_fits(info: LoraInfo, family: str) -> None:
+    """Refuse a LoRA made for another architecture, naming the one it is for (SD1 LoRA on SDXL, ...)."""
+    made_for = lora_family(info.base_model_version)
+    target = "sdxl" if family == "sdxl-refiner" else family
+    if made_for is not None and made_for != target:
+        raise SdtuneError(f"{info.file}: this LoRA was made for {_FAMILY_NAMES[made_for]} "
+                          f"(ss_base_model_version {info.base_model_version}), but the model is "
+                          f"{_FAMILY_NAMES[family]}; use it with an {_FAMILY_NAMES[made_for]} model")
