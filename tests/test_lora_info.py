@@ -63,7 +63,8 @@ def test_lycoris_loha_and_lokr_files_are_recognised(tmp_path):
     assert info.algorithm == "loha" and info.rank == 8 and info.alpha == 8.0 and info.unet_modules == 1
     lokr = {"lora_unet_x.lokr_w1": torch.zeros(4, 4), "lora_unet_x.lokr_w2_a": torch.zeros(8, 2),
             "lora_unet_x.lokr_w2_b": torch.zeros(2, 8)}
-    assert inspect_lora(save_safetensors(lokr, tmp_path / "lokr.safetensors")).algorithm == "lokr"
+    info = inspect_lora(save_safetensors(lokr, tmp_path / "lokr.safetensors"))
+    assert info.algorithm == "lokr" and info.rank == 2  # LyCORIS's rank is w2_a's second axis
 
 
 def test_a_checkpoint_or_a_pickle_is_refused(tiny_checkpoints, tmp_path):

@@ -7,8 +7,9 @@ Layout (pass `train_dir`/`reg_dir`, the *parents*, as `--train_data_dir`/`--reg_
 
 Captions are comma-separated booru-style tags that are true for the pixels: the trigger word (train) or the
 class word (reg) first, then shape kinds, colour names, "solo"/"multiple", stripe direction and background.
-The trigger concept's one untagged trait is a dark outline round every shape, for the trigger word to absorb;
-reg images never have it.  Output is byte-identical for the same spec (fixed encoder options, seeded RNG).
+The trigger concept's untagged trait is a dark outline round every shape (on white or grey only), for the
+trigger word to absorb; reg images never have it.  Output is byte-identical for the same spec (fixed
+encoder options, seeded RNG).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def _polygon(cx: float, cy: float, r: float, kind: str) -> list[tuple[float, flo
         return [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))) for a in (-90, 30, 150)]
     pts = []
     for i in range(10):
-        rad, ang = (r if i % 2 == 0 else 0.45 * r), math.radians(-90 + 36 * i)
+        rad, ang = (r if i % 2 == 0 else 0.4 * r), math.radians(-90 + 36 * i)
         pts.append((cx + rad * math.cos(ang), cy + rad * math.sin(ang)))
     return pts
 
@@ -158,14 +159,14 @@ def _make_image(rng: random.Random, size: tuple[int, int], mode: str, outlined: 
         extra.append("horizontal stripes" if horizontal else "vertical stripes")
     else:
         count = 1 if rng.random() < 0.6 else rng.randint(2, 4)
-        if 0.34 * min(w, h) / 2 < 8:  # shapes under ~16 px across stop looking like stars or triangles
-            count = 1
         if count == 1:
             cells, cw, ch = [(0, 0)], w, h
             r = rng.uniform(0.25, 0.42) * min(w, h)
         else:
             cells, cw, ch = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], count), w / 2, h / 2
-            r = rng.uniform(0.34, 0.4) * min(cw, ch)
+            r = rng.uniform(0.34, 0.4) * min(cw, ch)  # >= 8 px since resolution >= 64: still star-shaped
+        ow = max(1, round(r / 8))  # thick outlines on small shapes would fill a star's notches
+        outline = {**outline, "width": ow} if outline else outline
         for col, row in cells:
             kind, name = rng.choice(SHAPES[:4]), rng.choice(list(PALETTE))
             cx = col * cw + rng.uniform(r + ow, cw - r - ow)

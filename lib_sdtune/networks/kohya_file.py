@@ -51,13 +51,19 @@ def lora_metadata(network: LoraNetwork, output_name: str, v_pred: bool = False,
     """The ss_* and modelspec.* keys sd-scripts writes for this network (extra entries override them)."""
     cfg, family = network.config, network.family
     args: dict[str, str] = {}
+    if cfg.is_lycoris:  # LyCORIS's kohya plugin: ss_network_module lycoris.kohya, args algo/dora_wd/factor
+        args["algo"] = cfg.algorithm
     if cfg.conv_rank:
-        args = {"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
+        args.update({"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)})
+    if cfg.is_lycoris and cfg.algorithm == "lokr":
+        args["factor"] = str(cfg.factor)
+    if cfg.weight_decompose:
+        args["dora_wd"] = "True"
     sdxl = family.startswith("sdxl")
     ts = time.time() if timestamp is None else timestamp
     reso = 1024 if sdxl else 768 if family == "sd2" and v_pred else 512
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if cfg.is_lycoris else "networks.lora",
         "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": str(cfg.alpha),
         "ss_v2": str(family == "sd2"),

@@ -21,7 +21,9 @@ from ..io.safetensors_io import SafetensorsFile
 # tensor suffix -> algorithm, most specific first (names as sd-scripts and LyCORIS write them)
 _ALGO_SUFFIXES = [("hada_w1_a", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"), ("diff", "full"),
                   ("on_input", "ia3"), ("lora_down.weight", "lora")]
-_RANK_TENSOR = {"lora": "lora_down.weight", "locon": "lora_down.weight", "loha": "hada_w1_b", "lokr": "lokr_w2_a"}
+# where each algorithm's rank is: (tensor suffix, axis), first present wins; full-matrix LoKr has none
+_RANK_AT = {"lora": [("lora_down.weight", 0)], "locon": [("lora_down.weight", 0)], "loha": [("hada_w1_b", 0)],
+            "lokr": [("lokr_w2_a", 1), ("lokr_w1_a", 1)]}
 
 
 @dataclass
@@ -115,8 +117,11 @@ def inspect_lora(path: str | os.PathLike) -> LoraInfo:
         "mixed (" + ", ".join(f"{a} {n}" for a, n in kinds.most_common()) + ")"
     if set(kinds) == {"lora", "locon"}:
         algorithm = "locon"  # LoCon = LoRA on the attention layers plus the 3x3 convs
-    ranks = {n: int(parts[_RANK_TENSOR[algos[n]]][0])
-             for n, parts in modules.items() if _RANK_TENSOR.get(algos[n]) in parts}
+    ranks = {}
+    for n, parts in modules.items():
+        at = next(((suffix, axis) for suffix, axis in _RANK_AT.get(algos[n], []) if suffix in parts), None)
+        if at is not None:
+            ranks[n] = int(parts[at[0]][at[1]])
     alphas = {n: float(sf.get_tensor(n + ".alpha").float()) for n, parts in modules.items() if "alpha" in parts}
     dtypes = Counter(i.dtype for k, i in sf.tensors.items() if not k.endswith(".alpha"))
     meta = sf.metadata

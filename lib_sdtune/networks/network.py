@@ -1,31 +1,40 @@
-"""A LoRA/LoCon network over a model's U-Net and text encoders, with sd-scripts' names and rank rules.
+"""A LoRA/LoCon/LyCORIS network over a model's U-Net and text encoders, with sd-scripts' names and rank rules.
 
 Targets come from `naming.lora_targets` (kohya names whatever the live module tree is); 3x3 convs are
 wrapped only with `conv_rank` set and get `conv_rank`/`conv_alpha`, every other layer `rank`/`alpha`
-(`networks/lora.py` `create_modules` in sd-scripts). The kohya state dict is built here, not through
-diffusers' `convert_state_dict_to_kohya` (which writes alpha = rank).
+(`networks/lora.py` `create_modules` in sd-scripts). One walk serves every algorithm: `make_module`
+builds sdtune's `LoraModule` for plain LoRA and a `LycorisModule` (LoHa, LoKr, DoRA) otherwise.
+The kohya state dict is built here, not through diffusers' `convert_state_dict_to_kohya` (which writes
+alpha = rank); LyCORIS modules write LyCORIS's own keys.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import SdtuneError
 from .lora import LoraModule
+from .lycoris import ALGORITHMS, LycorisModule
 from .naming import LoraTarget, lora_targets
 
-__all__ = ["LoraConfig", "LoraNetwork"]
+__all__ = ["LoraConfig", "LoraNetwork", "AdapterModule", "make_module"]
 
-_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+AdapterModule = Union[LoraModule, LycorisModule]
+
+_LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
 @dataclass
 class LoraConfig:
-    """sd-scripts' `network_dim`/`network_alpha` and `conv_dim`/`conv_alpha` (conv_alpha defaults to 1)."""
+    """sd-scripts' `network_dim`/`network_alpha`, `conv_dim`/`conv_alpha` (conv_alpha defaults to 1), LyCORIS's algo.
+
+    `algorithm`: "lora" | "loha" | "lokr" | "dora" (= "lora" with `weight_decompose`, as LyCORIS's
+    `dora_wd`); `weight_decompose` adds DoRA to any of them; `factor` is LoKr's (-1 = balanced).
+    """
 
     rank: int = 4
     alpha: float = 1.0
@@ -34,11 +43,33 @@ class LoraConfig:
     train_unet: bool = True
     train_text_encoder: bool = True
     multiplier: float = 1.0
+    algorithm: str = "lora"
+    factor: int = -1
+    weight_decompose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.algorithm == "dora":
+            self.algorithm, self.weight_decompose = "lora", True
+        if self.algorithm not in ALGORITHMS:
+            raise SdtuneError(f"unknown network algorithm {self.algorithm!r} (lora, loha, lokr or dora)")
+
+    @property
+    def is_lycoris(self) -> bool:
+        """True when the modules are LyCORIS's (anything but plain LoRA/LoCon), saved as `lycoris.kohya`."""
+        return self.algorithm != "lora" or self.weight_decompose
 
     @property
     def effective_conv_alpha(self) -> float:
         """sd-scripts: conv_alpha is 1 when conv_dim is given without it."""
         return 1.0 if self.conv_alpha is None else float(self.conv_alpha)
+
+
+def make_module(name: str, org: nn.Module, rank: int, alpha: float, config: LoraConfig) -> AdapterModule:
+    """The adapter `config` asks for on one layer (the per-module math lives in lora.py / lycoris.py)."""
+    if not config.is_lycoris:
+        return LoraModule(name, org, rank, alpha, config.multiplier)
+    return LycorisModule(name, org, config.algorithm, rank, alpha, config.multiplier, factor=config.factor,
+                         weight_decompose=config.weight_decompose)
 
 
 class LoraNetwork(nn.Module):
@@ -63,12 +94,12 @@ class LoraNetwork(nn.Module):
                 rank, alpha = config.rank, config.alpha
             org = chosen[t.component].get_submodule(t.module_path)
             self.targets[t.name] = t
-            self.loras[t.name] = LoraModule(t.name, org, rank, alpha, config.multiplier)
+            self.loras[t.name] = make_module(t.name, org, rank, alpha, config)
 
-    def __iter__(self) -> Iterator[LoraModule]:  # type: ignore[override]
-        return iter(self.loras.values())
+    def __iter__(self) -> Iterator[AdapterModule]:  # type: ignore[override]
+        return iter(self.loras.values())  # type: ignore[arg-type]
 
-    def lora(self, name: str) -> LoraModule:
+    def lora(self, name: str) -> AdapterModule:
         """The module for one kohya name."""
         return self.loras[name]  # type: ignore[return-value]
 
@@ -103,34 +134,33 @@ class LoraNetwork(nn.Module):
             m.unmerge()
 
     def state_dict_kohya(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` (0-dim), cast to `dtype`.
+        """`<name>.<suffix>` tensors as sd-scripts/LyCORIS save them (`lora_down.weight`, `hada_w1_a`, ...,
+        `alpha` 0-dim), cast to `dtype`.
 
         sd-scripts casts every tensor, alpha included, to the save dtype; alpha is kept fp32 only where
         `dtype` cannot hold its exact value (fp16/bf16 hold every integer alpha a user picks up to 2048/256).
         """
         out: dict[str, torch.Tensor] = {}
         for name, m in self.loras.items():
-            assert isinstance(m, LoraModule)
-            down, up = m.lora_down.weight.detach(), m.lora_up.weight.detach()
-            alpha = torch.tensor(m.alpha, dtype=torch.float32)
-            if dtype is not None:
-                down, up = down.to(dtype), up.to(dtype)
-                if float(alpha.to(dtype)) == m.alpha:
-                    alpha = alpha.to(dtype)
-            out[f"{name}.lora_down.weight"] = down.cpu().contiguous()
-            out[f"{name}.lora_up.weight"] = up.cpu().contiguous()
-            out[f"{name}.alpha"] = alpha
+            for suffix, t in _module_tensors(m).items():
+                if suffix == "alpha":
+                    t = torch.tensor(m.alpha, dtype=torch.float32)
+                    if dtype is not None and float(t.to(dtype)) == m.alpha:
+                        t = t.to(dtype)
+                elif dtype is not None:
+                    t = t.to(dtype)
+                out[f"{name}.{suffix}"] = t.cpu().contiguous()
         return out
 
     @torch.no_grad()
     def load_kohya_state_dict(self, sd: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
-        """Copy a kohya LoRA state dict in (alpha from the file; missing alpha = rank); returns unused keys."""
+        """Copy a kohya LoRA/LyCORIS state dict in (alpha from the file; missing alpha = rank); returns unused keys."""
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         unused: list[str] = []
         for key, t in sd.items():
-            suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
-            name = key[: -len(suffix)] if suffix else None
-            if suffix is None or name not in self.loras:
+            name, _, suffix = key.partition(".")
+            m = self.loras[name] if name in self.loras else None
+            if m is None or (isinstance(m, LoraModule) and suffix not in _LORA_SUFFIXES):
                 unused.append(key)
                 continue
             grouped.setdefault(name, {})[suffix] = t
@@ -140,14 +170,31 @@ class LoraNetwork(nn.Module):
                               f"(first: {unused[:3]}), {len(missing)} modules missing (first: {missing[:3]})")
         for name, parts in grouped.items():
             m = self.lora(name)
-            if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
-                raise SdtuneError(f"LoRA module {name!r} lacks lora_down or lora_up in the state dict")
-            for suffix, layer in ((".lora_down.weight", m.lora_down), (".lora_up.weight", m.lora_up)):
-                w = parts[suffix]
-                if tuple(w.shape) != tuple(layer.weight.shape):
-                    raise SdtuneError(f"{name}{suffix}: shape {list(w.shape)} in the file, "
-                                      f"{list(layer.weight.shape)} in the network (different rank or model)")
-                layer.weight.copy_(w.to(layer.weight.dtype))
-            alpha = parts.get(".alpha")
-            m.set_alpha(float(alpha.float().item()) if alpha is not None else None)
+            if isinstance(m, LycorisModule):
+                m.load_kohya_tensors(parts)
+            else:
+                _load_lora_parts(m, name, parts)
         return unused
+
+
+def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    """suffix -> tensor of one module as its file stores it (alpha included)."""
+    if isinstance(m, LycorisModule):
+        return m.kohya_tensors()
+    assert isinstance(m, LoraModule)
+    return {"lora_down.weight": m.lora_down.weight.detach(), "lora_up.weight": m.lora_up.weight.detach(),
+            "alpha": torch.tensor(m.alpha, dtype=torch.float32)}
+
+
+def _load_lora_parts(m: LoraModule, name: str, parts: Mapping[str, torch.Tensor]) -> None:
+    """Copy one LoRA module's `lora_down.weight`/`lora_up.weight`/`alpha` in, checking shapes."""
+    if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+        raise SdtuneError(f"LoRA module {name!r} lacks lora_down or lora_up in the state dict")
+    for suffix, layer in (("lora_down.weight", m.lora_down), ("lora_up.weight", m.lora_up)):
+        w = parts[suffix]
+        if tuple(w.shape) != tuple(layer.weight.shape):
+            raise SdtuneError(f"{name}.{suffix}: shape {list(w.shape)} in the file, "
+                              f"{list(layer.weight.shape)} in the network (different rank or model)")
+        layer.weight.copy_(w.to(layer.weight.dtype))
+    alpha = parts.get("alpha")
+    m.set_alpha(float(alpha.float().item()) if alpha is not None else None)
