@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from lib_sdtune.errors import SdtuneError, UnsafeFileError
-from lib_sdtune.io.hashes import legacy_hash, safetensors_data_hash
+from lib_sdtune.io.hashes import legacy_hash, precalculate_hashes, safetensors_data_hash
 from lib_sdtune.io.safetensors_io import save_safetensors
 from lib_sdtune.models.loader import LoadedModel, load_checkpoint
-from lib_sdtune.networks.kohya_file import load_lora, precalculate_hashes, save_lora
+from lib_sdtune.networks.kohya_file import load_lora, save_lora
 from lib_sdtune.networks.lora import LoraModule
 from lib_sdtune.networks.network import LoraConfig, LoraNetwork
 

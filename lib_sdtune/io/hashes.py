@@ -14,9 +14,14 @@ import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
+
+import torch
+
+from .safetensors_io import build_header, st_dtype_name, tensor_bytes
 
 _BLOCK = 1 << 20
+LEGACY_OFFSET, LEGACY_SIZE = 0x100000, 0x10000  # A1111 / sd-scripts legacy hash window
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,8 @@ class FileHashes:
 def legacy_hash(path: str | os.PathLike) -> str:
     """A1111 `model_hash` / sd-scripts `sshs_legacy_hash`: sha256 of 0x10000 bytes at 0x100000."""
     with open(path, "rb") as fh:
-        fh.seek(0x100000)
-        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+        fh.seek(LEGACY_OFFSET)
+        return hashlib.sha256(fh.read(LEGACY_SIZE)).hexdigest()[:8]
 
 
 def safetensors_data_hash(path: str | os.PathLike) -> str:
@@ -67,3 +72,24 @@ def file_hashes(path: str | os.PathLike) -> FileHashes:
     data_hash = safetensors_data_hash(p) if p.suffix.lower() == ".safetensors" else None
     return FileHashes(sha256=full, autov1=legacy_hash(p), autov2=full[:10], sshs_model_hash=data_hash,
                       autov3=data_hash[:12] if data_hash else None)
+
+
+def precalculate_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) of the file serialised with only the ss_* metadata, in memory.
+
+    Streams tensor bytes through sha256 in the writer's order (= safetensors' order), so nothing is
+    serialised twice: the data hash does not depend on the header, and the legacy hash reads only the
+    64 KiB window at 1 MiB of header + data.
+    """
+    specs = {k: (st_dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+    header, _, order = build_header(specs, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    data_hash, legacy = hashlib.sha256(), hashlib.sha256()
+    pos = 0
+    for chunk in [memoryview(header)] + [tensor_bytes(tensors[n]) for n in order]:
+        lo, hi = max(LEGACY_OFFSET, pos), min(LEGACY_OFFSET + LEGACY_SIZE, pos + len(chunk))
+        if lo < hi:
+            legacy.update(chunk[lo - pos:hi - pos])
+        if pos > 0:  # everything after the header is the data section
+            data_hash.update(chunk)
+        pos += len(chunk)
+    return data_hash.hexdigest(), legacy.hexdigest()[:8]

@@ -9,7 +9,6 @@ Values follow sd-scripts: `train_network.py` (ss_*, stringified with `str()`), `
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import time
@@ -19,15 +18,15 @@ from typing import Mapping, Optional
 import torch
 
 from ..errors import SdtuneError, UnsafeFileError
-from ..io.safetensors_io import SafetensorsFile, build_header, save_safetensors, st_dtype_name, tensor_bytes
+from ..io.hashes import precalculate_hashes
+from ..io.safetensors_io import SafetensorsFile, save_safetensors
 from .network import LoraNetwork
 
-__all__ = ["save_lora", "load_lora", "lora_metadata", "precalculate_hashes"]
+__all__ = ["save_lora", "load_lora", "lora_metadata"]
 
 SS_METADATA_MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
                             "ss_network_alpha", "ss_network_args")
 _IMPL_SGM = "https://github.com/Stability-AI/generative-models"
-_LEGACY_OFFSET, _LEGACY_SIZE = 0x100000, 0x10000
 
 
 def _base_model_version(family: str, v_pred: bool) -> str:
@@ -82,27 +81,6 @@ def lora_metadata(network: LoraNetwork, output_name: str, v_pred: bool = False,
         meta["ss_network_args"] = json.dumps(args)
     meta.update(extra or {})
     return meta
-
-
-def precalculate_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) of the file serialised with only the ss_* metadata, in memory.
-
-    Streams tensor bytes through sha256 in the writer's order (= safetensors' order), so nothing is
-    serialised twice: the data hash does not depend on the header, and the legacy hash reads only the
-    64 KiB window at 1 MiB of header + data.
-    """
-    specs = {k: (st_dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
-    header, _, order = build_header(specs, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    data_hash, legacy = hashlib.sha256(), hashlib.sha256()
-    pos = 0
-    for chunk in [memoryview(header)] + [tensor_bytes(tensors[n]) for n in order]:
-        lo, hi = max(_LEGACY_OFFSET, pos), min(_LEGACY_OFFSET + _LEGACY_SIZE, pos + len(chunk))
-        if lo < hi:
-            legacy.update(chunk[lo - pos:hi - pos])
-        if pos > 0:  # everything after the header is the data section
-            data_hash.update(chunk)
-        pos += len(chunk)
-    return data_hash.hexdigest(), legacy.hexdigest()[:8]
 
 
 def save_lora(network: LoraNetwork, path: str | os.PathLike, metadata: Optional[Mapping[str, str]] = None,
