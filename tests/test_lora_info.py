@@ -99,3 +99,15 @@ def test_a_lora_for_another_architecture_is_refused_naming_its_own(tmp_path):
     xl = save_safetensors(sd1, tmp_path / "xl.safetensors", {"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(SdtuneError, match="made for SDXL"):
         check_lora_fits(inspect_lora(xl), "sd2")
+
+
+def test_loading_an_sd1_lora_into_an_sdxl_network_is_refused(tiny_checkpoints, tmp_path):
+    from lib_sdtune.networks.kohya_file import load_lora_into
+
+    sd1 = load_checkpoint(tiny_checkpoints["sd1"])
+    path = save_lora(LoraNetwork(sd1.modules, "sd1", LoraConfig(rank=4)), tmp_path / "sd1.safetensors")
+    sdxl = load_checkpoint(tiny_checkpoints["sdxl"], components=["text_encoder", "text_encoder_2"])
+    with pytest.raises(SdtuneError, match="made for SD 1.x .* the model is SDXL"):
+        load_lora_into(LoraNetwork(sdxl.modules, "sdxl", LoraConfig(rank=4)), path)
+    fresh = LoraNetwork(sd1.modules, "sd1", LoraConfig(rank=4))
+    assert load_lora_into(fresh, path) == []

@@ -22,7 +22,7 @@ from ..io.hashes import precalculate_hashes
 from ..io.safetensors_io import SafetensorsFile, save_safetensors
 from .network import LoraNetwork
 
-__all__ = ["save_lora", "load_lora", "lora_metadata"]
+__all__ = ["save_lora", "load_lora", "load_lora_into", "lora_metadata"]
 
 SS_METADATA_MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
                             "ss_network_alpha", "ss_network_args")
@@ -104,3 +104,12 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         raise UnsafeFileError(f"{p}: only .safetensors LoRA files are loaded (pickled .pt/.ckpt files can run code)")
     with SafetensorsFile(p) as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata)
+
+
+def load_lora_into(network: LoraNetwork, path: str | os.PathLike, strict: bool = True) -> list[str]:
+    """Load a LoRA file into `network` after checking it was made for the network's architecture."""
+    from .lora_info import check_lora_fits, inspect_lora
+
+    check_lora_fits(inspect_lora(path), network.family)
+    state, _ = load_lora(path)
+    return network.load_kohya_state_dict(state, strict=strict)
