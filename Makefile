@@ -1,6 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`. Each builds .venv on first use.
 # torch is installed first and pinned (TORCH_SPEC) so pip never picks a multi-GB CUDA build on its own.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 TORCH_SPEC ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
