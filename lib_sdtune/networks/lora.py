@@ -9,12 +9,13 @@ The wrapped layer's `forward` is swapped (as sd-scripts does) and put back exact
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..errors import SdtuneError
+from .forward_swap import ForwardSwap
 
 __all__ = ["LoraModule"]
 
@@ -24,7 +25,7 @@ def _fp32(value: float) -> float:
     return float(torch.tensor(float(value), dtype=torch.float32))
 
 
-class LoraModule(nn.Module):
+class LoraModule(ForwardSwap, nn.Module):
     """The low-rank update of one nn.Linear or nn.Conv2d, as sd-scripts trains and saves it."""
 
     def __init__(self, name: str, org_module: nn.Module, rank: int, alpha: Optional[float] = None,
@@ -51,8 +52,6 @@ class LoraModule(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         # kept in a list so the original layer is not a submodule (not in parameters() or state_dict())
         self._org: list[nn.Module] = [org_module]
-        self._org_forward: Optional[Callable[..., torch.Tensor]] = None
-        self._had_instance_forward = False
         self.merged = False
 
     @property
@@ -60,38 +59,9 @@ class LoraModule(nn.Module):
         """alpha / rank, the factor sd-scripts applies to up(down(x))."""
         return self.alpha / self.rank
 
-    @property
-    def org_module(self) -> nn.Module:
-        """The wrapped Linear/Conv2d."""
-        return self._org[0]
-
-    @property
-    def applied(self) -> bool:
-        return self._org_forward is not None
-
     def set_alpha(self, alpha: Optional[float]) -> None:
         """Set alpha (None/0 -> rank, as sd-scripts reads a file without `.alpha`)."""
         self.alpha = _fp32(self.rank if alpha is None or alpha == 0 else alpha)
-
-    def apply(self) -> None:
-        """Route the original layer's forward through this module (idempotent)."""
-        if self.applied:
-            return
-        org = self.org_module
-        self._had_instance_forward = "forward" in org.__dict__
-        self._org_forward = org.forward
-        org.forward = self.forward
-
-    def remove(self) -> None:
-        """Give the original layer back its own forward, exactly as it was."""
-        if not self.applied:
-            return
-        org = self.org_module
-        if self._had_instance_forward:
-            org.forward = self._org_forward
-        else:
-            del org.forward
-        self._org_forward = None
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The update alone: up(down(x)) * multiplier * scale."""
@@ -100,8 +70,7 @@ class LoraModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped layer's output plus the update (the update is skipped while merged)."""
-        org_forward = self._org_forward if self._org_forward is not None else self.org_module.forward
-        y = org_forward(x, *args, **kwargs)
+        y = self.wrapped_forward(x, *args, **kwargs)
         if self.merged or self.multiplier == 0:
             return y
         return y + self.lora_forward(x).to(y.dtype)

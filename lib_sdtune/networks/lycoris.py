@@ -9,7 +9,7 @@ applies the scale twice for LoHa/LoKr when alpha != rank.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from lycoris.modules.locon import LoConModule
@@ -18,6 +18,7 @@ from lycoris.modules.lokr import LokrModule
 from torch import nn
 
 from ..errors import SdtuneError
+from .forward_swap import ForwardSwap
 
 __all__ = ["ALGORITHMS", "LycorisModule", "loha_delta", "lokr_delta", "dora_merge"]
 
@@ -58,7 +59,7 @@ def dora_merge(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tens
     return merged * scale
 
 
-class LycorisModule(nn.Module):
+class LycorisModule(ForwardSwap, nn.Module):
     """One LyCORIS adapter (LoHa, LoKr, or LoRA+DoRA) on an nn.Linear/nn.Conv2d, removable and mergeable."""
 
     def __init__(self, name: str, org_module: nn.Module, algorithm: str, rank: int, alpha: Optional[float] = None,
@@ -82,14 +83,7 @@ class LycorisModule(nn.Module):
                                         weight_decompose=self.weight_decompose, bypass_mode=False, **extra)
         self.lyco.alpha = self.lyco.alpha.float()  # an fp32 buffer, as LyCORIS saves it
         self._org: list[nn.Module] = [org_module]
-        self._org_forward: Optional[Callable[..., torch.Tensor]] = None
-        self._had_instance_forward = False
         self._merged_delta: Optional[torch.Tensor] = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        """The wrapped Linear/Conv2d."""
-        return self._org[0]
 
     @property
     def multiplier(self) -> float:
@@ -113,10 +107,6 @@ class LycorisModule(nn.Module):
         return self.alpha / self.rank
 
     @property
-    def applied(self) -> bool:
-        return self._org_forward is not None
-
-    @property
     def merged(self) -> bool:
         return self._merged_delta is not None
 
@@ -126,34 +116,13 @@ class LycorisModule(nn.Module):
         self.lyco.alpha.fill_(value)
         self.lyco.scale = self.scale
 
-    def apply(self) -> None:
-        """Route the original layer's forward through this module (idempotent)."""
-        if self.applied:
-            return
-        org = self.org_module
-        self._had_instance_forward = "forward" in org.__dict__
-        self._org_forward = org.forward
-        self.lyco.org_forward = org.forward
-        org.forward = self.forward
-
-    def remove(self) -> None:
-        """Give the original layer back its own forward, exactly as it was."""
-        if not self.applied:
-            return
-        org = self.org_module
-        if self._had_instance_forward:
-            org.forward = self._org_forward
-        else:
-            del org.forward
-        self._org_forward = None
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """lycoris-lora's forward (ΔW rebuilt per call); the plain layer while merged or at multiplier 0.
 
         DoRA runs the same math here: lycoris-lora 4.1.3's DoRA forward fails on fp16/bf16 layers (its
         rescaled weight is fp32).
         """
-        org_forward = self._org_forward if self._org_forward is not None else self.org_module.forward
+        org_forward = self.wrapped_forward
         if self.merged or self.multiplier == 0:
             return org_forward(x, *args, **kwargs)
         if self.weight_decompose:
