@@ -171,6 +171,14 @@ def test_diffusers_load_lora_weights_applies_exactly_our_delta_weight_sd1(config
         assert (delta - net.lora(name).delta_weight()).abs().max() < 1e-5, name
 
 
+def test_diffusers_applies_exactly_our_delta_on_sd2_whose_openclip_text_encoder_is_fused_in_the_file(tmp_path):
+    """SD2's text encoder is OpenCLIP (fused q/k/v in the checkpoint); LoRA names target the split layers."""
+    net, fused, components = _diffusers_fused_deltas("sd2-v", PLAIN, tmp_path)
+    assert set(components.values()) == {"unet", "text_encoder"}
+    for name, delta in fused.items():
+        assert (delta - net.lora(name).delta_weight()).abs().max() < 1e-5, name
+
+
 @pytest.mark.slow
 def test_diffusers_sdxl_pipeline_loads_our_sgm_named_lora_with_exact_deltas(tmp_path):
     net, fused, components = _diffusers_fused_deltas("sdxl", LOCON, tmp_path)
