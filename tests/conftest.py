@@ -4,7 +4,8 @@ Nothing here downloads: every model is synthesized by `lib_sdtune.demo.tiny_mode
 `HF_HUB_OFFLINE=1` is set before diffusers/transformers are imported so a stray hub lookup
 fails at once instead of reaching for the network.
 
-- `tiny_checkpoints`: session-wide mapping arch -> path of a tiny original-layout checkpoint
+- `tiny_checkpoints` (and `tiny_fp32_checkpoints`, the same in fp32): session-wide mapping
+  arch -> path of a tiny original-layout checkpoint
   (fp16, seed 0, with its `.yaml` where the architecture needs one), for every arch in
   `TINY_ARCHITECTURES`. Each file is written the first time a test asks for it, then reused.
   Treat the files as read-only; copy one to `tmp_path` before changing it.
@@ -24,10 +25,11 @@ import pytest  # noqa: E402
 class LazyTinyCheckpoints(Mapping[str, Path]):
     """arch -> tiny checkpoint path, written on first access into one session directory."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, dtype=None):
         from lib_sdtune.demo.tiny_models import TINY_ARCHITECTURES
 
         self._root = root
+        self._dtype = dtype
         self._archs = TINY_ARCHITECTURES
         self._paths: dict[str, Path] = {}
 
@@ -37,7 +39,8 @@ class LazyTinyCheckpoints(Mapping[str, Path]):
         if arch not in self._paths:
             from lib_sdtune.demo.tiny_models import write_tiny_checkpoint
 
-            self._paths[arch] = write_tiny_checkpoint(arch, self._root, seed=0)
+            kwargs = {} if self._dtype is None else {"dtype": self._dtype}
+            self._paths[arch] = write_tiny_checkpoint(arch, self._root, seed=0, **kwargs)
         return self._paths[arch]
 
     def __iter__(self) -> Iterator[str]:
@@ -51,3 +54,11 @@ class LazyTinyCheckpoints(Mapping[str, Path]):
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> LazyTinyCheckpoints:
     """Tiny fp16 checkpoints (seed 0) by architecture: sd1, sd2, sd2-v, sdxl, sdxl-refiner."""
     return LazyTinyCheckpoints(tmp_path_factory.mktemp("tiny_checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> LazyTinyCheckpoints:
+    """The same tiny checkpoints in fp32, for tests that compare numbers at 1e-5."""
+    import torch
+
+    return LazyTinyCheckpoints(tmp_path_factory.mktemp("tiny_fp32_checkpoints"), dtype=torch.float32)

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from lib_sdtune.demo.tiny_models import TINY_ARCHITECTURES, build_tiny_components, write_tiny_checkpoint
+from lib_sdtune.demo.tiny_models import TINY_ARCHITECTURES, build_tiny_components
 from lib_sdtune.io.checkpoint import open_checkpoint, source_from_tensors
 from lib_sdtune.models.hints import ModelHints
 from lib_sdtune.models.loader import load_checkpoint
@@ -13,12 +13,6 @@ from lib_sdtune.models.tokenizer import encode_prompts, load_clip_tokenizer
 from lib_sdtune.models.vpred import is_v_prediction_unet
 
 EXPECTED_ARCH = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2-v", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}
-
-
-@pytest.fixture(scope="module")
-def fp32_checkpoints(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp32")
-    return {a: write_tiny_checkpoint(a, out, dtype=torch.float32) for a in TINY_ARCHITECTURES}
 
 
 @pytest.mark.compat
@@ -32,10 +26,10 @@ def test_every_tiny_architecture_loads_with_no_missing_or_unexpected_key(tiny_ch
 
 @pytest.mark.compat
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
-def test_loaded_modules_compute_exactly_what_the_generated_ones_do(fp32_checkpoints, arch):
+def test_loaded_modules_compute_exactly_what_the_generated_ones_do(tiny_fp32_checkpoints, arch):
     torch.manual_seed(0)
     original = build_tiny_components(arch, seed=0)
-    loaded = load_checkpoint(fp32_checkpoints[arch]).modules
+    loaded = load_checkpoint(tiny_fp32_checkpoints[arch]).modules
     assert set(loaded) == set(original)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

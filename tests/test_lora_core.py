@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,10 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-@functools.cache
-def _fp32_checkpoint(arch: str) -> Path:
-    from lib_sdtune.demo.tiny_models import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(arch, tempfile.mkdtemp(prefix="sdtune-lora-core-"), dtype=torch.float32)
-
-
-def _load(arch: str = "sd1") -> LoadedModel:
-    return load_checkpoint(_fp32_checkpoint(arch))
+@pytest.fixture()
+def load(tiny_fp32_checkpoints):
+    """Load a fresh copy of the session's fp32 tiny checkpoint of `arch` (default sd1)."""
+    return lambda arch="sd1": load_checkpoint(tiny_fp32_checkpoints[arch])
 
 
 def _randomise(net: LoraNetwork, seed: int = 0) -> None:
@@ -67,8 +61,8 @@ def _te_out(model: LoadedModel) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("conv", [False, True], ids=["lora", "locon"])
-def test_tiny_sd1_network_has_sd_scripts_sd15_name_set_and_lora_shapes(conv):
-    model = _load("sd1")
+def test_tiny_sd1_network_has_sd_scripts_sd15_name_set_and_lora_shapes(load, conv):
+    model = load("sd1")
     config = LOCON if conv else PLAIN
     net = LoraNetwork(model.modules, "sd1", config)
     ref = json.loads(REF.read_text())["sd15_conv" if conv else "sd15"]
@@ -86,8 +80,8 @@ def test_tiny_sd1_network_has_sd_scripts_sd15_name_set_and_lora_shapes(conv):
     assert any(t.uses_conv_dim for t in net.targets.values()) == conv
 
 
-def test_zero_up_is_noop_random_up_changes_output_and_remove_restores_bit_identical():
-    model = _load("sd1")
+def test_zero_up_is_noop_random_up_changes_output_and_remove_restores_bit_identical(load):
+    model = load("sd1")
     base_unet, base_te = _unet_out(model), _te_out(model)
     net = LoraNetwork(model.modules, "sd1", LOCON)
     net.apply_to()
@@ -117,8 +111,8 @@ def test_delta_weight_is_multiplier_scale_up_down_and_module_forward_matches_it(
         assert torch.equal(layer(x), base)
 
 
-def test_merge_into_weights_equals_hooked_forward_linear_and_3x3_conv():
-    model = _load("sd1")
+def test_merge_into_weights_equals_hooked_forward_linear_and_3x3_conv(load):
+    model = load("sd1")
     net = LoraNetwork(model.modules, "sd1", LOCON)
     _randomise(net)
     assert any(t.uses_conv_dim for t in net.targets.values())
@@ -131,17 +125,17 @@ def test_merge_into_weights_equals_hooked_forward_linear_and_3x3_conv():
     net.unmerge_from_weights()
 
 
-def _diffusers_fused_deltas(arch: str, config: LoraConfig, tmp_path: Path) -> tuple[LoraNetwork, dict, dict]:
+def _diffusers_fused_deltas(load, arch: str, config: LoraConfig, tmp_path: Path) -> tuple[LoraNetwork, dict, dict]:
     """Save our LoRA (fp32), load it with diffusers' load_lora_weights into a pipeline of fresh modules, fuse."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from lib_sdtune.models.tokenizer import load_clip_tokenizer
 
-    ours = _load(arch)
+    ours = load(arch)
     net = LoraNetwork(ours.modules, ours.arch.family, config)
     _randomise(net)
     path = save_lora(net, tmp_path / "ours.safetensors", dtype=torch.float32)
-    fresh = _load(arch)
+    fresh = load(arch)
     mods = fresh.modules
     layers = {n: mods[t.component].get_submodule(t.module_path) for n, t in net.targets.items()}
     before = {n: layer.weight.detach().clone() for n, layer in layers.items()}
@@ -164,31 +158,31 @@ def _diffusers_fused_deltas(arch: str, config: LoraConfig, tmp_path: Path) -> tu
 
 
 @pytest.mark.parametrize("config", [PLAIN, LOCON], ids=["lora", "locon"])
-def test_diffusers_load_lora_weights_applies_exactly_our_delta_weight_sd1(config, tmp_path):
-    net, fused, components = _diffusers_fused_deltas("sd1", config, tmp_path)
+def test_diffusers_load_lora_weights_applies_exactly_our_delta_weight_sd1(load, config, tmp_path):
+    net, fused, components = _diffusers_fused_deltas(load, "sd1", config, tmp_path)
     assert set(components.values()) == {"unet", "text_encoder"}
     for name, delta in fused.items():
         assert (delta - net.lora(name).delta_weight()).abs().max() < 1e-5, name
 
 
-def test_diffusers_applies_exactly_our_delta_on_sd2_whose_openclip_text_encoder_is_fused_in_the_file(tmp_path):
+def test_diffusers_applies_exactly_our_delta_on_sd2_whose_openclip_text_encoder_is_fused_in_the_file(load, tmp_path):
     """SD2's text encoder is OpenCLIP (fused q/k/v in the checkpoint); LoRA names target the split layers."""
-    net, fused, components = _diffusers_fused_deltas("sd2-v", PLAIN, tmp_path)
+    net, fused, components = _diffusers_fused_deltas(load, "sd2-v", PLAIN, tmp_path)
     assert set(components.values()) == {"unet", "text_encoder"}
     for name, delta in fused.items():
         assert (delta - net.lora(name).delta_weight()).abs().max() < 1e-5, name
 
 
 @pytest.mark.slow
-def test_diffusers_sdxl_pipeline_loads_our_sgm_named_lora_with_exact_deltas(tmp_path):
-    net, fused, components = _diffusers_fused_deltas("sdxl", LOCON, tmp_path)
+def test_diffusers_sdxl_pipeline_loads_our_sgm_named_lora_with_exact_deltas(load, tmp_path):
+    net, fused, components = _diffusers_fused_deltas(load, "sdxl", LOCON, tmp_path)
     assert set(components.values()) == {"unet", "text_encoder", "text_encoder_2"}
     for name, delta in fused.items():
         assert (delta - net.lora(name).delta_weight()).abs().max() < 1e-5, name
 
 
-def test_sdxl_names_use_te1_te2_and_sgm_unet_blocks():
-    model = _load("sdxl")
+def test_sdxl_names_use_te1_te2_and_sgm_unet_blocks(load):
+    model = load("sdxl")
     net = LoraNetwork(model.modules, "sdxl", LOCON)
     names = net.names()
     assert all(n.startswith(("lora_te1_text_model_", "lora_te2_text_model_", "lora_unet_")) for n in names)
@@ -199,8 +193,8 @@ def test_sdxl_names_use_te1_te2_and_sgm_unet_blocks():
     assert set(names) <= ref
 
 
-def test_metadata_ss_keys_alpha_and_hashes_as_sd_scripts_writes_them(tmp_path):
-    model = _load("sd1")
+def test_metadata_ss_keys_alpha_and_hashes_as_sd_scripts_writes_them(load, tmp_path):
+    model = load("sd1")
     net = LoraNetwork(model.modules, "sd1", LOCON)
     _randomise(net)
     path = save_lora(net, tmp_path / "meta.safetensors", {"ss_training_comment": "hi"}, dtype=torch.float16)
@@ -235,14 +229,14 @@ def test_precalculated_hashes_equal_safetensors_serialisation_over_one_mib():
     assert precalculate_hashes(tensors, meta) == expected
 
 
-def test_alpha_other_than_rank_gives_alpha_over_rank_scale_after_reload(tmp_path):
-    model = _load("sd1")
+def test_alpha_other_than_rank_gives_alpha_over_rank_scale_after_reload(load, tmp_path):
+    model = load("sd1")
     config = LoraConfig(rank=4, alpha=1.0, conv_rank=2, conv_alpha=0.5)
     net = LoraNetwork(model.modules, "sd1", config)
     _randomise(net)
     path = save_lora(net, tmp_path / "a.safetensors", dtype=torch.float32)
     sd, _ = load_lora(path)
-    again = LoraNetwork(_load("sd1").modules, "sd1", LoraConfig(rank=4, alpha=4.0, conv_rank=2, conv_alpha=2.0))
+    again = LoraNetwork(load("sd1").modules, "sd1", LoraConfig(rank=4, alpha=4.0, conv_rank=2, conv_alpha=2.0))
     assert again.load_kohya_state_dict(sd) == []
     for name in net.names():
         a, b = net.lora(name), again.lora(name)
@@ -250,8 +244,8 @@ def test_alpha_other_than_rank_gives_alpha_over_rank_scale_after_reload(tmp_path
         assert torch.equal(b.delta_weight(), a.delta_weight())
 
 
-def test_alpha_not_exact_in_fp16_is_kept_fp32_and_missing_alpha_means_rank():
-    model = _load("sd1")
+def test_alpha_not_exact_in_fp16_is_kept_fp32_and_missing_alpha_means_rank(load):
+    model = load("sd1")
     net = LoraNetwork(model.modules, "sd1", LoraConfig(rank=4, alpha=0.3, train_unet=False))
     sd = net.state_dict_kohya(torch.float16)
     alphas = {v.dtype for k, v in sd.items() if k.endswith(".alpha")}

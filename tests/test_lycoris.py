@@ -4,9 +4,7 @@ lycoris-lora's own loader (`create_lycoris_from_weights`) applying exactly the Î
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -40,15 +38,10 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-@functools.cache
-def _fp32_checkpoint(arch: str) -> Path:
-    from lib_sdtune.demo.tiny_models import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(arch, tempfile.mkdtemp(prefix="sdtune-lycoris-"), dtype=torch.float32)
-
-
-def _load() -> LoadedModel:
-    return load_checkpoint(_fp32_checkpoint("sd1"))
+@pytest.fixture()
+def load(tiny_fp32_checkpoints):
+    """Load a fresh copy of the session's fp32 tiny checkpoint of `arch` (default sd1)."""
+    return lambda arch="sd1": load_checkpoint(tiny_fp32_checkpoints[arch])
 
 
 def _config(key: str) -> LoraConfig:
@@ -86,8 +79,8 @@ def _outputs(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))
-def test_names_are_sd_scripts_sd15_set_and_keys_are_lycoris(key):
-    net = _network(_load(), key)
+def test_names_are_sd_scripts_sd15_set_and_keys_are_lycoris(load, key):
+    net = _network(load(), key)
     ref = json.loads(REF.read_text())["sd15_conv" if "conv" in key else "sd15"]
     assert set(net.names()) == set(ref)
     sd = net.state_dict_kohya(torch.float16)
@@ -103,8 +96,8 @@ def test_names_are_sd_scripts_sd15_set_and_keys_are_lycoris(key):
 
 
 @pytest.mark.parametrize("key", ["loha", "lokr_conv", "dora"])
-def test_apply_remove_is_bit_identical_and_merge_equals_forward(key):
-    model = _load()
+def test_apply_remove_is_bit_identical_and_merge_equals_forward(load, key):
+    model = load()
     base = _outputs(model)
     weights = {k: v.clone() for c in ("unet", "text_encoder") for k, v in model.modules[c].state_dict().items()}
     net = _network(model, key)
@@ -148,14 +141,14 @@ def _lycoris_load(path: Path, model: LoadedModel):
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))
-def test_lycoris_loader_applies_the_delta_sdtune_computes(key, tmp_path):
-    ours_model = _load()
+def test_lycoris_loader_applies_the_delta_sdtune_computes(load, key, tmp_path):
+    ours_model = load()
     net = _network(ours_model, key, seed=1)
     path = save_lora(net, tmp_path / f"{key}.safetensors", dtype=torch.float32)
     net.apply_to()
     ours = _outputs(ours_model)
 
-    theirs_model = _load()
+    theirs_model = load()
     nets = _lycoris_load(path, theirs_model)
     loaded = {m.lora_name: m for n in nets for m in n.loras}
     assert set(loaded) == set(net.names())
@@ -176,8 +169,8 @@ def test_lycoris_loader_applies_the_delta_sdtune_computes(key, tmp_path):
 
 
 @pytest.mark.parametrize("key", ["loha", "lokr_conv", "dora"])
-def test_file_metadata_reload_and_lora_info(key, tmp_path):
-    model = _load()
+def test_file_metadata_reload_and_lora_info(load, key, tmp_path):
+    model = load()
     net = _network(model, key)
     cfg = net.config
     path = save_lora(net, tmp_path / f"{key}.safetensors", dtype=torch.float32)
@@ -187,7 +180,7 @@ def test_file_metadata_reload_and_lora_info(key, tmp_path):
     assert args["algo"] == cfg.algorithm and args.get("dora_wd") == ("True" if cfg.weight_decompose else None)
     if cfg.conv_rank:
         assert args["conv_dim"] == "2" and args["conv_alpha"] == "3.0" and args["factor"] == "4"
-    fresh = LoraNetwork(_load().modules, "sd1", _config(key))
+    fresh = LoraNetwork(load().modules, "sd1", _config(key))
     assert fresh.load_kohya_state_dict(sd) == []
     again = fresh.state_dict_kohya(torch.float32)
     assert set(again) == set(sd) and all(torch.equal(again[k], sd[k]) for k in sd)
@@ -198,16 +191,16 @@ def test_file_metadata_reload_and_lora_info(key, tmp_path):
         assert info.rank == cfg.rank and info.alpha == cfg.alpha
 
 
-def test_lora_info_lokr_rank(tmp_path):
-    net = _network(_load(), "lokr")
+def test_lora_info_lokr_rank(load, tmp_path):
+    net = _network(load(), "lokr")
     info = inspect_lora(save_lora(net, tmp_path / "lokr.safetensors"))
     assert info.algorithm == "lokr" and info.rank == 4
 
 
-def test_loading_refuses_other_algorithms_and_bad_configs():
-    model = _load()
+def test_loading_refuses_other_algorithms_and_bad_configs(load):
+    model = load()
     loha = _network(model, "loha").state_dict_kohya()
-    lokr = LoraNetwork(_load().modules, "sd1", _config("lokr"))
+    lokr = LoraNetwork(load().modules, "sd1", _config("lokr"))
     with pytest.raises(SdtuneError, match="algorithm"):
         lokr.load_kohya_state_dict(loha)
     with pytest.raises(SdtuneError, match="unknown network algorithm"):
