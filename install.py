@@ -74,6 +74,8 @@ def plan(requirements: list[str], installed: dict[str, str]) -> tuple[list[str],
     to_install, warnings = [], []
     for line in requirements:
         req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate():
+            continue  # e.g. tomli, needed only below Python 3.11
         have = installed.get(_canon(req.name))
         if have is None:
             to_install.append(line)
