@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from .augment import crop_offset
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 WHITE = (255, 255, 255)
 _FILTERS = {
@@ -125,11 +127,8 @@ def resize_and_crop(im: Image.Image, original_size: tuple[int, int], bucket: tup
     rw, rh = im.size
     bw, bh = bucket
     rng = rng or random.Random(0)
-    left = top = 0
-    if rw > bw:
-        left = rng.randint(0, rw - bw) if random_crop else (rw - bw) // 2
-    if rh > bh:
-        top = rng.randint(0, rh - bh) if random_crop else (rh - bh) // 2
+    left = crop_offset(rw - bw, random_crop, rng)
+    top = crop_offset(rh - bh, random_crop, rng)
     if (left, top, rw, rh) != (0, 0, bw, bh):
         im = im.crop((left, top, left + min(bw, rw), top + min(bh, rh)))
     pixels = np.asarray(im, dtype=np.uint8)
