@@ -1,0 +1,162 @@
+"""An editing session over one loaded dataset: batch edits written at once, with undo/redo and a backup.
+
+Every step writes its captions atomically (`atomic_batch`), after saving the originals of the captions
+it touches for the first time into the session's backup zip (`backup.py`). Undo and redo write the
+exact bytes back; a caption another program changed meanwhile stops the step before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import SdtuneError
+from .backup import CaptionBackup
+from .ops import TagOp, apply_ops, select
+from .store import CaptionStore, LoadConfig, encode_caption, load_captions
+
+UNDO_LIMIT = 100
+
+
+@dataclass
+class Step:
+    """One written change: per item index, caption bytes before and after (None: no caption file)."""
+
+    label: str
+    before: dict[int, bytes | None]
+    after: dict[int, bytes | None]
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What an edit (or undo/redo) did."""
+
+    selected: int
+    changed: list[Path]
+    backup: Path | None
+    seconds: float
+    dry_run: bool = False
+    skipped_unreadable: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (the CLI's `--json`)."""
+        return {"selected": self.selected, "changed": len(self.changed), "files": [str(p) for p in self.changed],
+                "backup": str(self.backup) if self.backup else None, "seconds": round(self.seconds, 4),
+                "dry_run": self.dry_run, "skipped_unreadable": [str(p) for p in self.skipped_unreadable]}
+
+
+class EditSession:
+    """Batch edits of one dataset with undo/redo; the first write saves a backup of what it changes."""
+
+    def __init__(self, store: CaptionStore, backup: bool = True, undo_limit: int = UNDO_LIMIT):
+        self.store = store
+        self.backup = CaptionBackup(store.root) if backup else None
+        self.undo_limit = undo_limit
+        self._undo: list[Step] = []
+        self._redo: list[Step] = []
+
+    @classmethod
+    def open(cls, dataset: str | os.PathLike, config: LoadConfig | None = None, backup: bool = True) -> EditSession:
+        """Load a dataset and start a session on it."""
+        return cls(load_captions(dataset, config or LoadConfig()), backup=backup)
+
+    @property
+    def can_undo(self) -> bool:
+        """True when there is a step to undo."""
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        """True when there is an undone step to redo."""
+        return bool(self._redo)
+
+    def apply(self, ops: Sequence[TagOp], where: str | None = None, indices: Sequence[int] | None = None,
+              dry_run: bool = False, label: str = "") -> EditResult:
+        """Run ops over the selection (an expression and/or item indices) and write the changed captions."""
+        t0 = time.perf_counter()
+        chosen = select(self.store, where, indices)
+        pool = range(len(self.store.items)) if indices is None else indices
+        skipped = [self.store.items[i].caption for i in pool if self.store.items[i].error]
+        new_tags = apply_ops(self.store, ops, chosen)
+        if dry_run:
+            changed = [self.store.items[i].caption for i in new_tags]
+            return EditResult(len(chosen), changed, None, time.perf_counter() - t0, True, skipped)
+        after = {i: encode_caption(tags) for i, tags in new_tags.items()}
+        step = Step(label or ", ".join(type(op).__name__ for op in ops), {}, after)
+        backup = self.write_step(step)
+        return EditResult(len(chosen), [self.store.items[i].caption for i in after], backup,
+                          time.perf_counter() - t0, False, skipped)
+
+    def write_tags(self, new_tags: dict[int, list[str]], label: str) -> EditResult:
+        """Write given tag lists as one undoable step (used by the tagger)."""
+        t0 = time.perf_counter()
+        after = {i: encode_caption(t) for i, t in new_tags.items() if encode_caption(t) != self.store.items[i].raw}
+        backup = self.write_step(Step(label, {}, after))
+        return EditResult(len(new_tags), [self.store.items[i].caption for i in after], backup, time.perf_counter() - t0)
+
+    def write_step(self, step: Step) -> Path | None:
+        """Back up, write and record a step; its `before` is filled from the store."""
+        items = self.store.items
+        step.before = {i: items[i].raw for i in step.after}
+        if not step.after:
+            return self.backup.path if self.backup else None
+        backup_path = self._backup(step.before)
+        self.store.write_bytes(step.after)
+        self._undo.append(step)
+        del self._undo[:-self.undo_limit]
+        self._redo.clear()
+        return backup_path
+
+    def _backup(self, before: dict[int, bytes | None]) -> Path | None:
+        """Save originals of captions this session has not changed yet."""
+        if self.backup is None:
+            return None
+        items = self.store.items
+        return self.backup.add({self.store.rel(items[i].caption): data for i, data in before.items()})
+
+    def undo(self) -> EditResult:
+        """Write back the captions as they were before the last step."""
+        if not self._undo:
+            raise SdtuneError("nothing to undo in this editing session")
+        return self._move(self._undo, self._redo, "before")
+
+    def redo(self) -> EditResult:
+        """Write again the last undone step."""
+        if not self._redo:
+            raise SdtuneError("nothing to redo in this editing session")
+        return self._move(self._redo, self._undo, "after")
+
+    def _move(self, source: list[Step], target: list[Step], side: str) -> EditResult:
+        t0 = time.perf_counter()
+        step = source[-1]
+        data = getattr(step, side)
+        backup_path = self._backup({i: self.store.items[i].raw for i in data})
+        self.store.write_bytes(data)
+        target.append(source.pop())
+        return EditResult(len(data), [self.store.items[i].caption for i in data], backup_path,
+                          time.perf_counter() - t0)
+
+    def history(self) -> tuple[list[str], list[str]]:
+        """Labels of undoable and redoable steps, oldest first."""
+        return [s.label for s in self._undo], [s.label for s in self._redo]
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """A one-shot batch edit (the CLI's `tag edit`): ops over the images matching `where`."""
+
+    dataset: Path
+    ops: tuple[TagOp, ...]
+    where: str | None = None
+    caption_extension: str = ".txt"
+    backup: bool = True
+    dry_run: bool = False
+
+
+def edit_captions(config: EditConfig) -> EditResult:
+    """Load, edit and write a dataset in one go (atomic, backed up)."""
+    session = EditSession.open(config.dataset, LoadConfig(config.caption_extension), backup=config.backup)
+    return session.apply(config.ops, config.where, dry_run=config.dry_run)
