@@ -49,22 +49,15 @@ def lora_metadata(network: LoraNetwork, output_name: str, v_pred: bool = False,
                   extra: Optional[Mapping[str, str]] = None, timestamp: Optional[float] = None) -> dict[str, str]:
     """The ss_* and modelspec.* keys sd-scripts writes for this network (extra entries override them)."""
     cfg, family = network.config, network.family
-    args: dict[str, str] = {}
-    if cfg.is_lycoris:  # LyCORIS's kohya plugin: ss_network_module lycoris.kohya, args algo/dora_wd/factor
-        args["algo"] = cfg.algorithm
-    if cfg.conv_rank:
-        args.update({"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)})
-    if cfg.is_lycoris and cfg.algorithm == "lokr":
-        args["factor"] = str(cfg.factor)
-    if cfg.weight_decompose:
-        args["dora_wd"] = "True"
+    args = cfg.network_args()  # algo/conv_dim/dora_wd/... as given to --network_args
     sdxl = family.startswith("sdxl")
     ts = time.time() if timestamp is None else timestamp
     reso = 1024 if sdxl else 768 if family == "sd2" and v_pred else 512
     meta = {
-        "ss_network_module": "lycoris.kohya" if cfg.is_lycoris else "networks.lora",
+        "ss_network_module": cfg.network_module,
         "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": str(cfg.alpha),
+        "ss_network_dropout": str(cfg.dropout),
         "ss_v2": str(family == "sd2"),
         "ss_base_model_version": _base_model_version(family, v_pred),
         "ss_output_name": output_name,
@@ -99,8 +92,10 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     """(state dict, metadata) of a LoRA .safetensors; pickled formats (.pt/.ckpt/.bin) are refused."""
     p = Path(path)
     with open(p, "rb") as fh:
-        head = fh.read(8)
-    if p.suffix.lower() != ".safetensors" or head[:2] == b"PK" or head[:1] == b"\x80":
+        head = fh.read(9)
+    # a safetensors file starts with its header length (u64 LE) and then the JSON header's "{"; a pickle or
+    # zip-pickle (.pt/.ckpt renamed) does not
+    if p.suffix.lower() != ".safetensors" or len(head) < 9 or head[8:9] != b"{":
         raise UnsafeFileError(f"{p}: only .safetensors LoRA files are loaded (pickled .pt/.ckpt files can run code)")
     with SafetensorsFile(p) as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata)

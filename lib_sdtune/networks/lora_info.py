@@ -20,7 +20,7 @@ from ..io.safetensors_io import SafetensorsFile
 
 # tensor suffix -> algorithm, most specific first (names as sd-scripts and LyCORIS write them)
 _ALGO_SUFFIXES = [("hada_w1_a", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"), ("diff", "full"),
-                  ("on_input", "ia3"), ("lora_down.weight", "lora")]
+                  ("on_input", "ia3"), ("lora_mid.weight", "locon"), ("lora_down.weight", "lora")]
 # where each algorithm's rank is: (tensor suffix, axis), first present wins; full-matrix LoKr has none
 _RANK_AT = {"lora": [("lora_down.weight", 0)], "locon": [("lora_down.weight", 0)], "loha": [("hada_w1_b", 0)],
             "lokr": [("lokr_w2_a", 1), ("lokr_w1_a", 1)]}

@@ -1,7 +1,8 @@
-"""LyCORIS adapters (LoHa, LoKr, DoRA) on lycoris-lora's per-module classes, under sdtune's kohya names.
+"""LyCORIS adapters (LoHa, LoKr, DoRA, Tucker LoCon) on lycoris-lora's per-module classes, under sdtune's names.
 
-Parameters, initialisation, saved keys and the training forward are lycoris-lora's own (`LohaModule`,
-`LokrModule`, `LoConModule` with `weight_decompose` for DoRA). Attaching (a forward swap undone exactly),
+Parameters, initialisation, saved keys, dropouts and the training forward are lycoris-lora's own
+(`LohaModule`, `LokrModule`, `LoConModule` with `weight_decompose` for DoRA or `use_tucker` for a
+Tucker-decomposed 3x3 conv: `lora_mid`, `hada_t1/t2`, `lokr_t2`). Attaching (a forward swap undone exactly),
 ΔW and merging are sdtune's: ΔW follows A1111/ComfyUI (LoHa `(w1a@w1b)*(w2a@w2b)*alpha/r`, LoKr
 `kron(w1, w2)*alpha/r`, scale 1 when both LoKr halves are full), because lycoris-lora 4.1.3's `merge_to`
 applies the scale twice for LoHa/LoKr when alpha != rank.
@@ -20,7 +21,7 @@ from torch import nn
 from ..errors import SdtuneError
 from .forward_swap import ForwardSwap
 
-__all__ = ["ALGORITHMS", "LycorisModule", "loha_delta", "lokr_delta", "dora_merge"]
+__all__ = ["ALGORITHMS", "LycorisModule", "loha_delta", "lokr_delta", "dora_merge", "tucker_rebuild"]
 
 # sdtune algorithm -> lycoris-lora class ("lora" here is LoCon, used for DoRA = lora + weight_decompose)
 _CLASSES: dict[str, type] = {"lora": LoConModule, "loha": LohaModule, "lokr": LokrModule}
@@ -42,10 +43,15 @@ def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: tor
 
 def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, shape: tuple[int, ...]) -> torch.Tensor:
     """LoKr ΔW = kron(w1, w2) * scale (w2 may keep a conv's kernel axes), reshaped to the weight shape."""
-    w1, w2 = w1.float(), w2.float()
+    w1, w2 = w1.float(), w2.float().contiguous()
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
     return torch.kron(w1, w2).reshape(shape) * scale
+
+
+def tucker_rebuild(t: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A Tucker-decomposed conv: core `t` [r, r, k, k] with `up` [r, out] and `down` [r, in] -> [out, in, k, k]."""
+    return torch.einsum("i j ..., i p, j r -> p r ...", t.float(), up.float(), down.float())
 
 
 def dora_merge(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor,
@@ -60,10 +66,12 @@ def dora_merge(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tens
 
 
 class LycorisModule(ForwardSwap, nn.Module):
-    """One LyCORIS adapter (LoHa, LoKr, or LoRA+DoRA) on an nn.Linear/nn.Conv2d, removable and mergeable."""
+    """One LyCORIS adapter (LoHa, LoKr, LoRA+DoRA or Tucker LoCon) on an nn.Linear/nn.Conv2d, removable, mergeable."""
 
     def __init__(self, name: str, org_module: nn.Module, algorithm: str, rank: int, alpha: Optional[float] = None,
-                 multiplier: float = 1.0, factor: int = -1, weight_decompose: bool = False):
+                 multiplier: float = 1.0, factor: int = -1, weight_decompose: bool = False, use_tucker: bool = False,
+                 dropout: Optional[float] = None, rank_dropout: Optional[float] = None,
+                 module_dropout: Optional[float] = None):
         super().__init__()
         if algorithm not in _CLASSES:
             raise SdtuneError(f"LyCORIS {name!r}: unknown algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})")
@@ -71,8 +79,8 @@ class LycorisModule(ForwardSwap, nn.Module):
             raise SdtuneError(f"LyCORIS {name!r}: cannot wrap a {type(org_module).__name__} (Linear or Conv2d only)")
         if rank < 1:
             raise SdtuneError(f"LyCORIS {name!r}: rank must be at least 1, got {rank}")
-        if algorithm == "lora" and not weight_decompose:
-            raise SdtuneError("plain LoRA is sdtune's LoraModule; LycorisModule('lora') is for DoRA only")
+        if algorithm == "lora" and not weight_decompose and not use_tucker:
+            raise SdtuneError("plain LoRA is sdtune's LoraModule; LycorisModule('lora') is for DoRA or Tucker only")
         self.lora_name = name
         self.algorithm = algorithm
         self.rank = int(rank)
@@ -80,6 +88,8 @@ class LycorisModule(ForwardSwap, nn.Module):
         extra: dict[str, Any] = {"factor": int(factor)} if algorithm == "lokr" else {}
         alpha = _fp32(rank if alpha is None or alpha == 0 else alpha)
         self.lyco = _CLASSES[algorithm](name, org_module, float(multiplier), lora_dim=self.rank, alpha=alpha,
+                                        dropout=float(dropout or 0), rank_dropout=float(rank_dropout or 0),
+                                        module_dropout=float(module_dropout or 0), use_tucker=bool(use_tucker),
                                         weight_decompose=self.weight_decompose, bypass_mode=False, **extra)
         self.lyco.alpha = self.lyco.alpha.float()  # an fp32 buffer, as LyCORIS saves it
         self._org: list[nn.Module] = [org_module]
@@ -135,18 +145,35 @@ class LycorisModule(ForwardSwap, nn.Module):
         """The additive update before DoRA and the multiplier, `scale * ΔW`, in fp32 (A1111/ComfyUI math)."""
         m, shape = self.lyco, tuple(self.org_module.weight.shape)
         if self.algorithm == "loha":
+            if m.tucker:
+                w1 = tucker_rebuild(m.hada_t1, m.hada_w1_a, m.hada_w1_b)
+                w2 = tucker_rebuild(m.hada_t2, m.hada_w2_a, m.hada_w2_b)
+                return (w1 * w2).reshape(shape) * self.scale
             return loha_delta(m.hada_w1_a, m.hada_w1_b, m.hada_w2_a, m.hada_w2_b, self.scale, shape)
         if self.algorithm == "lokr":
             w1 = m.lokr_w1 if m.use_w1 else m.lokr_w1_a.float() @ m.lokr_w1_b.float()
             if m.use_w2:
                 w2 = m.lokr_w2
+            elif m.tucker:
+                w2 = tucker_rebuild(m.lokr_t2, m.lokr_w2_a, m.lokr_w2_b)
             else:
                 w2 = m.lokr_w2_a.float() @ m.lokr_w2_b.float().flatten(1)
                 if len(shape) == 4:
                     w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
             return lokr_delta(w1, w2, self.scale, shape)
         up, down = m.lora_up.weight.float(), m.lora_down.weight.float()
+        if m.tucker:
+            return tucker_rebuild(m.lora_mid.weight, up.flatten(1).T, down.flatten(1)).reshape(shape) * self.scale
         return (up.flatten(1) @ down.flatten(1)).reshape(shape) * self.scale
+
+    def norm_factors(self) -> list[nn.Parameter]:
+        """One parameter per multiplicative factor of ΔW (max-norm rescales each by ratio ** (1 / count))."""
+        m = self.lyco
+        if self.algorithm == "loha":
+            return [m.hada_w1_a, m.hada_w2_a]
+        if self.algorithm == "lokr":
+            return [m.lokr_w1 if m.use_w1 else m.lokr_w1_a, m.lokr_w2 if m.use_w2 else m.lokr_w2_a]
+        return [m.lora_up.weight, m.lora_down.weight]
 
     def delta_weight(self) -> torch.Tensor:
         """W' - W for the current weight and multiplier, in fp32 (DoRA's rescale included)."""

@@ -2,74 +2,45 @@
 
 Targets come from `naming.lora_targets` (kohya names whatever the live module tree is); 3x3 convs are
 wrapped only with `conv_rank` set and get `conv_rank`/`conv_alpha`, every other layer `rank`/`alpha`
-(`networks/lora.py` `create_modules` in sd-scripts). One walk serves every algorithm: `make_module`
-builds sdtune's `LoraModule` for plain LoRA and a `LycorisModule` (LoHa, LoKr, DoRA) otherwise.
+(`networks/lora.py` `create_modules` in sd-scripts); with block dims or block LR weights each U-Net block
+gets its own rank/alpha and a block of rank 0 gets no module. One walk serves every algorithm:
+`make_module` builds sdtune's `LoraModule` for LoRA/LoCon, `FullModule` for full diffs and a
+`LycorisModule` (LoHa, LoKr, DoRA, Tucker) otherwise.
 The kohya state dict is built here, not through diffusers' `convert_state_dict_to_kohya` (which writes
 alpha = rank); LyCORIS modules write LyCORIS's own keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import SdtuneError
+from .blocks import BlockPlan, block_lr_weights, plan_blocks
+from .config import LoraConfig
+from .full import FullModule
 from .lora import LoraModule
-from .lycoris import ALGORITHMS, LycorisModule
+from .lycoris import LycorisModule
 from .naming import LoraTarget, lora_targets
 
 __all__ = ["LoraConfig", "LoraNetwork", "AdapterModule", "make_module"]
 
-AdapterModule = Union[LoraModule, LycorisModule]
+AdapterModule = Union[LoraModule, LycorisModule, FullModule]
 
 _LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
-@dataclass
-class LoraConfig:
-    """sd-scripts' `network_dim`/`network_alpha`, `conv_dim`/`conv_alpha` (conv_alpha defaults to 1), LyCORIS's algo.
-
-    `algorithm`: "lora" | "loha" | "lokr" | "dora" (= "lora" with `weight_decompose`, as LyCORIS's
-    `dora_wd`); `weight_decompose` adds DoRA to any of them; `factor` is LoKr's (-1 = balanced).
-    """
-
-    rank: int = 4
-    alpha: float = 1.0
-    conv_rank: Optional[int] = None
-    conv_alpha: Optional[float] = None
-    train_unet: bool = True
-    train_text_encoder: bool = True
-    multiplier: float = 1.0
-    algorithm: str = "lora"
-    factor: int = -1
-    weight_decompose: bool = False
-
-    def __post_init__(self) -> None:
-        if self.algorithm == "dora":
-            self.algorithm, self.weight_decompose = "lora", True
-        if self.algorithm not in ALGORITHMS:
-            raise SdtuneError(f"unknown network algorithm {self.algorithm!r} (lora, loha, lokr or dora)")
-
-    @property
-    def is_lycoris(self) -> bool:
-        """True when the modules are LyCORIS's (anything but plain LoRA/LoCon), saved as `lycoris.kohya`."""
-        return self.algorithm != "lora" or self.weight_decompose
-
-    @property
-    def effective_conv_alpha(self) -> float:
-        """sd-scripts: conv_alpha is 1 when conv_dim is given without it."""
-        return 1.0 if self.conv_alpha is None else float(self.conv_alpha)
-
-
 def make_module(name: str, org: nn.Module, rank: int, alpha: float, config: LoraConfig) -> AdapterModule:
-    """The adapter `config` asks for on one layer (the per-module math lives in lora.py / lycoris.py)."""
+    """The adapter `config` asks for on one layer (the per-module math lives in lora.py / lycoris.py / full.py)."""
+    drops = {"dropout": config.dropout, "rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout}
+    if config.algorithm == "full":
+        return FullModule(name, org, config.multiplier, module_dropout=config.module_dropout)
     if not config.is_lycoris:
-        return LoraModule(name, org, rank, alpha, config.multiplier)
+        return LoraModule(name, org, rank, alpha, config.multiplier, **drops)
     return LycorisModule(name, org, config.algorithm, rank, alpha, config.multiplier, factor=config.factor,
-                         weight_decompose=config.weight_decompose)
+                         weight_decompose=config.weight_decompose, use_tucker=config.use_tucker, **drops)
 
 
 class LoraNetwork(nn.Module):
@@ -84,14 +55,25 @@ class LoraNetwork(nn.Module):
         chosen = {c: modules[c] for c in components if c in modules}
         if not chosen:
             raise SdtuneError("the LoRA network has nothing to train: no U-Net or text encoder was selected")
-        conv = config.conv_rank is not None and config.conv_rank > 0
+        lr_weights = block_lr_weights(family, config.down_lr_weight, config.mid_lr_weight, config.up_lr_weight,
+                                      config.block_lr_zero_threshold)
+        self.block_plan: Optional[BlockPlan] = plan_blocks(
+            family, config.rank, config.alpha, config.conv_rank, config.effective_conv_alpha, config.block_dims,
+            config.block_alphas, config.conv_block_dims, config.conv_block_alphas, lr_weights)
+        conv = bool(config.conv_rank) or (self.block_plan is not None and self.block_plan.conv_dims is not None)
         self.targets: dict[str, LoraTarget] = {}
         self.loras = nn.ModuleDict()
+        self.skipped: list[str] = []  # modules of blocks with rank 0 (or LR weight 0)
         for t in lora_targets(chosen, family, conv=conv):
-            if t.uses_conv_dim:
+            if t.component == "unet" and self.block_plan is not None:
+                rank, alpha = self.block_plan.rank_alpha(t.name, family, t.uses_conv_dim)
+            elif t.uses_conv_dim:
                 rank, alpha = int(config.conv_rank or 0), config.effective_conv_alpha
             else:
                 rank, alpha = config.rank, config.alpha
+            if rank <= 0 and config.algorithm != "full":
+                self.skipped.append(t.name)
+                continue
             org = chosen[t.component].get_submodule(t.module_path)
             self.targets[t.name] = t
             self.loras[t.name] = make_module(t.name, org, rank, alpha, config)
@@ -170,7 +152,7 @@ class LoraNetwork(nn.Module):
                               f"(first: {unused[:3]}), {len(missing)} modules missing (first: {missing[:3]})")
         for name, parts in grouped.items():
             m = self.lora(name)
-            if isinstance(m, LycorisModule):
+            if isinstance(m, (LycorisModule, FullModule)):
                 m.load_kohya_tensors(parts)
             else:
                 _load_lora_parts(m, name, parts)
@@ -178,8 +160,8 @@ class LoraNetwork(nn.Module):
 
 
 def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
-    """suffix -> tensor of one module as its file stores it (alpha included)."""
-    if isinstance(m, LycorisModule):
+    """suffix -> tensor of one module as its file stores it (alpha included, except for full diffs)."""
+    if isinstance(m, (LycorisModule, FullModule)):
         return m.kohya_tensors()
     assert isinstance(m, LoraModule)
     return {"lora_down.weight": m.lora_down.weight.detach(), "lora_up.weight": m.lora_up.weight.detach(),
