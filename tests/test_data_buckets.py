@@ -7,7 +7,13 @@ from collections import Counter
 
 import pytest
 
-from lib_sdtune.data.buckets import BucketSelector, adjust_min_max_bucket_reso, make_bucket_resolutions, plan_buckets
+from lib_sdtune.data.buckets import (
+    BucketSelector,
+    adjust_min_max_bucket_reso,
+    check_bucket_reso_steps,
+    make_bucket_resolutions,
+    plan_buckets,
+)
 from lib_sdtune.data.config import DatasetConfig
 from lib_sdtune.errors import SdtuneError
 
@@ -102,3 +108,14 @@ def test_bucket_info_has_the_ss_bucket_info_shape():
     assert [b["resolution"] for b in info["buckets"].values()] == [list(r) for r in plan.resos]
     assert sum(b["count"] for b in info["buckets"].values()) == 2 * len(SIZES)
     assert info["mean_img_ar_error"] == pytest.approx(sum(abs(c.ar_error) for c in plan.choices) / len(SIZES))
+
+
+def test_bucket_steps_checked_per_architecture():
+    sdxl48 = DatasetConfig(resolution=(1024, 1024), enable_bucket=True, bucket_reso_steps=48, max_bucket_reso=2064)
+    with pytest.raises(SdtuneError, match="multiple of 32"):
+        check_bucket_reso_steps(sdxl48, "sdxl")
+    check_bucket_reso_steps(DatasetConfig(enable_bucket=True, bucket_reso_steps=32), "sdxl")
+    with pytest.raises(SdtuneError, match="multiple of 64"):
+        check_bucket_reso_steps(DatasetConfig(enable_bucket=True, bucket_reso_steps=32), "sd1")
+    with pytest.raises(SdtuneError, match="multiples of 8"):
+        check_bucket_reso_steps(DatasetConfig(resolution=(500, 500)), "sd1")

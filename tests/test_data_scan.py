@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lib_sdtune.data.config import DatasetConfig, ScanOptions, SubsetConfig
-from lib_sdtune.data.scan import parse_concept_folder_name, scan_dataset, scan_folder
+from lib_sdtune.data.scan import parse_concept_folder_name, scan_dataset, scan_folder, scan_path
 from lib_sdtune.demo.dataset import DemoDatasetSpec, write_demo_dataset
 from lib_sdtune.errors import SdtuneError
 
@@ -166,3 +166,17 @@ def test_validation_split_holds_out_images_like_sd_scripts(tmp_path):
     assert len(scan.validation_images) == 2 and len(scan.train_images) == 8
     assert scan.num_train_images == 16 and scan.subsets[0].img_count == 8
     assert scan_dataset(cfg).validation_images == scan.validation_images  # seeded
+
+
+def test_scan_path_takes_a_folder_or_a_dataset_config(demo, tmp_path):
+    (folder_scan,) = scan_path(demo.train_dir)
+    assert folder_scan.num_train_images == 60
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{demo.train_dir / "10_sdtdemo shape"}"\n'
+                    f'num_repeats = 3\n', encoding="utf-8")
+    (cfg_scan,) = scan_path(toml, defaults={"batch_size": 2})
+    assert cfg_scan.num_train_images == 18 and cfg_scan.config.batch_size == 2
+    with pytest.raises(SdtuneError, match="lists its own reg folders"):
+        scan_path(toml, demo.reg_dir)
+    with pytest.raises(SdtuneError, match="is a file"):
+        scan_path(demo.train_items[0][0])

@@ -171,3 +171,16 @@ def plan_buckets(config: DatasetConfig, sizes: Sequence[tuple[int, int]],
     resos = tuple(sorted(r for r, m in by_reso.items() if m))
     return BucketPlan(resos, tuple(tuple(by_reso[r]) for r in resos), tuple(choices), config.batch_size,
                       tuple(selector.notes))
+
+
+def check_bucket_reso_steps(config: DatasetConfig, arch: str) -> None:
+    """sd-scripts' `verify_bucket_reso_steps`: bucket sizes a multiple of 64 (SD1/SD2) or 32 (SDXL);
+    without buckets the resolution must still divide into latents (a multiple of 8)."""
+    if config.enable_bucket:
+        need = 32 if arch.startswith("sdxl") else 64
+        if config.bucket_reso_steps % need:
+            raise SdtuneError(f"bucket_reso_steps = {config.bucket_reso_steps}: {arch} needs a multiple of {need} "
+                              f"(64 works for every model)")
+    elif config.resolution[0] % 8 or config.resolution[1] % 8:
+        raise SdtuneError(f"resolution {config.resolution}: width and height must be multiples of 8 (the VAE's "
+                          f"scale); use e.g. 512, 768 or 1024")

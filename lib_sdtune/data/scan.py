@@ -377,3 +377,20 @@ def scan_dataset_config(path: str | os.PathLike, defaults: Optional[dict] = None
                         options: Optional[ScanOptions] = None) -> tuple[DatasetScan, ...]:
     """Read an sd-scripts dataset_config (TOML/JSON) and scan each of its datasets."""
     return tuple(scan_dataset(cfg, options) for cfg in load_dataset_config(path, defaults))
+
+
+def scan_path(path: str | os.PathLike, reg_data_dir: Optional[str | os.PathLike] = None, *,
+              dataset: Optional[DatasetConfig] = None, subset: Optional[SubsetConfig] = None,
+              options: Optional[ScanOptions] = None, defaults: Optional[dict] = None) -> tuple[DatasetScan, ...]:
+    """Either input sd-scripts takes: a dataset_config file (.toml/.json; `defaults` fill what it leaves
+    out) or a training folder of `<repeats>_<name>` folders (with `dataset`/`subset` settings)."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() in (".toml", ".json"):
+        if reg_data_dir:
+            raise SdtuneError(f"{p} is a dataset_config, which lists its own reg folders (is_reg = true): do not "
+                              f"give a reg folder as well")
+        return scan_dataset_config(p, defaults, options)
+    if p.is_file():
+        raise SdtuneError(f"{p} is a file: give the training folder (the parent of '<repeats>_<name>' folders) or a "
+                          f"dataset_config .toml")
+    return (scan_folder(p, reg_data_dir, dataset=dataset, subset=subset, options=options),)
