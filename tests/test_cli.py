@@ -26,7 +26,6 @@ def test_help_lists_every_contract_command():
 
 
 @pytest.mark.parametrize("argv", [["train", "cfg.toml"], ["lora", "bake", "m.safetensors", "x.safetensors"],
-                                  ["tag", "stats", "d"],
                                   ["merge", "a", "b"], ["repair", "diagnose"], ["plan", "d"]])
 def test_commands_not_built_yet_say_so_and_exit_2(argv):
     out = run(*argv)

@@ -12,7 +12,6 @@ PENDING: dict[str, tuple[tuple[str, ...], str, int]] = {
     "merge": ((), "merge checkpoints (weighted sum, add difference, block weights, ...)", 6),
     "repair": (("te-override", "te-blend", "lora-te", "diagnose", "pick-epoch"),
                "over-fit diagnosis and repair (TE override/blend, LoRA TE surgery)", 7),
-    "tag": (("stats", "edit", "wd14", "lint"), "caption statistics, batch edits, WD14 tagging, dataset lint", 8),
 }
 
 

@@ -85,7 +85,8 @@ def find_models(roots: Iterable[str | os.PathLike], max_depth: int = 4) -> list[
     return sorted(found)
 
 
-def model_roots(configured: Sequence[str | os.PathLike] = (), models_dir: str | os.PathLike | None = None) -> list[Path]:
+def model_roots(configured: Sequence[str | os.PathLike] = (),
+                models_dir: str | os.PathLike | None = None) -> list[Path]:
     """Folders to search: configured ones, `$SDTUNE_TAGGER_DIR`, and the host's `models/<tagger folder>`."""
     roots = [Path(p) for p in configured]
     if os.environ.get("SDTUNE_TAGGER_DIR"):
