@@ -180,3 +180,12 @@ def test_scan_path_takes_a_folder_or_a_dataset_config(demo, tmp_path):
         scan_path(toml, demo.reg_dir)
     with pytest.raises(SdtuneError, match="is a file"):
         scan_path(demo.train_items[0][0])
+
+
+def test_report_lists_folders_counts_and_skipped_files(tmp_path):
+    _img(tmp_path / "t" / "3_a" / "ok.png")
+    (tmp_path / "t" / "3_a" / "bad.png").write_bytes(b"nope")
+    text = scan_folder(tmp_path / "t").report()
+    assert "3_a: 1 image(s) x 3 repeat(s), 1 without a caption" in text
+    assert "3 training sample(s) per epoch" in text
+    assert "skipped 1 file(s):" in text and "bad.png" in text

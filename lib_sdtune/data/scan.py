@@ -125,6 +125,28 @@ class DatasetScan:
         return out
 
 
+    def report(self) -> str:
+        """A plain-text summary for a job's report: folders, counts, skipped files and warnings."""
+        lines = []
+        for sub in self.subsets:
+            c = sub.config
+            extra = f", {len(sub.missing_captions)} without a caption" if sub.missing_captions else ""
+            lines.append(f"{'reg' if c.is_reg else 'train'} {c.image_dir}: {sub.img_count} image(s) x "
+                         f"{c.num_repeats} repeat(s){extra}")
+        reg = sum(r.repeats for r in self.reg_images)
+        lines.append(f"{self.num_train_images} training sample(s) per epoch" + (f" + {reg} reg" if reg else "")
+                     + (f"; {len(self.validation_images)} image(s) held out for validation"
+                        if self.validation_images else ""))
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} file(s):")
+            lines += [f"  {s.path}: {s.reason}" for s in self.skipped]
+        other = [w for w in self.warnings if not any(w.startswith(str(s.path)) for s in self.skipped)]
+        if other:
+            lines.append("warnings:")
+            lines += [f"  {w}" for w in other]
+        return "\n".join(lines)
+
+
 def parse_concept_folder_name(name: str) -> Optional[tuple[int, str]]:
     """`10_sks woman` -> (10, "sks woman"), as sd-scripts splits it; None when there is no leading number."""
     tokens = name.split("_")
@@ -143,13 +165,21 @@ def _images_in(folder: Path) -> list[Path]:
         return []
 
 
+def _subdirs(folder: Path) -> list[Path]:
+    """Visible subfolders, sorted by name (an unreadable folder has none)."""
+    try:
+        return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    except OSError:
+        return []
+
+
 def _concept_subsets(parent: Path, is_reg: bool, template: SubsetConfig, accept_concept_folder: bool,
                      warnings: list[str]) -> list[SubsetConfig]:
     """The `<repeats>_<tokens>` subfolders of one data folder, with the wrong-level mistakes explained."""
     role = "reg folder" if is_reg else "training folder"
     if not parent.is_dir():
         raise SdtuneError(f"the {role} {parent} does not exist or is not a folder")
-    subdirs = sorted((d for d in parent.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    subdirs = _subdirs(parent)
     direct = _images_in(parent)
     subsets: list[SubsetConfig] = []
     for d in subdirs:
@@ -183,7 +213,7 @@ def _concept_subsets(parent: Path, is_reg: bool, template: SubsetConfig, accept_
                         + (f" and class tokens '{tokens}'" if tokens else "")
                         + f"; kohya tools want its parent folder ({parent.parent}) instead")
         return [replace(template, image_dir=str(parent), num_repeats=1, is_reg=is_reg, class_tokens=tokens)]
-    deeper = [d for d in subdirs if any(parse_concept_folder_name(s.name) for s in d.iterdir() if s.is_dir())]
+    deeper = [d for d in subdirs if any(parse_concept_folder_name(s.name) for s in _subdirs(d))]
     if deeper:
         raise SdtuneError(f"the {role} {parent} has no '<repeats>_<name>' folders, but {deeper[0]} has: point at "
                           f"{deeper[0]} instead")
@@ -224,6 +254,21 @@ def _caption_candidates(image: Path, extension: str) -> list[Path]:
     return [Path(str(s) + e) for e in exts for s in stems]
 
 
+def _find_caption(image: Path, sub: SubsetConfig) -> tuple[Optional[str], Optional[Path], Optional[str]]:
+    """(caption, its file, problem): the first caption file that exists, read; a file that cannot be read
+    comes back with the problem (and no caption), so the image is skipped rather than trained wrongly."""
+    for cand in _caption_candidates(image, sub.caption_extension):
+        if not cand.is_file():
+            continue
+        try:
+            return _read_caption_file(cand, sub.enable_wildcard), cand, None
+        except UnicodeDecodeError:
+            return None, cand, "caption is not UTF-8 text (re-save it as UTF-8)"
+        except OSError as e:
+            return None, cand, f"caption unreadable ({e.strerror or e})"
+    return None, None, None
+
+
 def _scan_subset(sub: SubsetConfig, index: int, options: ScanOptions,
                  warnings: list[str], skipped: list[SkippedFile]) -> tuple[list[ImageRecord], list[Path]]:
     """Read one subset folder: sizes (in threads), captions; broken files skipped and reported."""
@@ -242,23 +287,10 @@ def _scan_subset(sub: SubsetConfig, index: int, options: ScanOptions,
             skipped.append(SkippedFile(path, size))
             warnings.append(f"{path}: skipped, {size}")
             continue
-        caption, cap_path = None, None
-        for cand in _caption_candidates(path, sub.caption_extension):
-            if not cand.is_file():
-                continue
-            try:
-                caption, cap_path = _read_caption_file(cand, sub.enable_wildcard), cand
-            except UnicodeDecodeError:
-                caption = "\0bad"
-                skipped.append(SkippedFile(cand, "caption is not UTF-8 text"))
-                warnings.append(f"{cand}: caption is not UTF-8 text (re-save it as UTF-8); its image {path.name} is "
-                                f"skipped")
-            except OSError as e:
-                caption = "\0bad"
-                skipped.append(SkippedFile(cand, f"caption unreadable: {e.strerror or e}"))
-                warnings.append(f"{cand}: caption unreadable ({e.strerror or e}); its image {path.name} is skipped")
-            break
-        if caption == "\0bad":
+        caption, cap_path, problem = _find_caption(path, sub)
+        if problem is not None:
+            skipped.append(SkippedFile(cap_path, problem))
+            warnings.append(f"{cap_path}: {problem}; its image {path.name} is skipped")
             continue
         if caption is None or not caption.strip():
             if cap_path is None:
@@ -287,7 +319,7 @@ def _split_validation(records: list[ImageRecord], split: float, seed: Optional[i
     if split <= 0 or not records:
         return records
     order = list(range(len(records)))
-    random.Random(seed if seed is not None else 0).shuffle(order)
+    random.Random(seed if seed is not None else 0).shuffle(order)  # sd-scripts: unseeded when None
     n_train = math.ceil(len(order) * (1 - split))
     val = set(order[n_train:])
     return [replace(r, is_validation=True, repeats=1) if i in val else r for i, r in enumerate(records)]
