@@ -125,8 +125,11 @@ def test_merge_into_weights_equals_hooked_forward_linear_and_3x3_conv(load):
     net.unmerge_from_weights()
 
 
-def _diffusers_fused_deltas(load, arch: str, config: LoraConfig, tmp_path: Path) -> tuple[LoraNetwork, dict, dict]:
-    """Save our LoRA (fp32), load it with diffusers' load_lora_weights into a pipeline of fresh modules, fuse."""
+def _diffusers_fused_deltas(load, arch: str, config: LoraConfig, tmp_path: Path,
+                            dtype: torch.dtype = torch.float32) -> tuple[LoraNetwork, dict, dict]:
+    """Save our LoRA (in `dtype`), load it with diffusers' load_lora_weights into a pipeline of fresh modules, fuse.
+
+    The returned network holds the saved (rounded) weights, so its deltas are what the file means."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from lib_sdtune.models.tokenizer import load_clip_tokenizer
@@ -134,7 +137,8 @@ def _diffusers_fused_deltas(load, arch: str, config: LoraConfig, tmp_path: Path)
     ours = load(arch)
     net = LoraNetwork(ours.modules, ours.arch.family, config)
     _randomise(net)
-    path = save_lora(net, tmp_path / "ours.safetensors", dtype=torch.float32)
+    path = save_lora(net, tmp_path / "ours.safetensors", dtype=dtype)
+    net.load_kohya_state_dict(load_lora(path)[0])
     fresh = load(arch)
     mods = fresh.modules
     layers = {n: mods[t.component].get_submodule(t.module_path) for n, t in net.targets.items()}
@@ -161,6 +165,18 @@ def _diffusers_fused_deltas(load, arch: str, config: LoraConfig, tmp_path: Path)
 def test_diffusers_load_lora_weights_applies_exactly_our_delta_weight_sd1(load, config, tmp_path):
     net, fused, components = _diffusers_fused_deltas(load, "sd1", config, tmp_path)
     assert set(components.values()) == {"unet", "text_encoder"}
+    for name, delta in fused.items():
+        assert (delta - net.lora(name).delta_weight()).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_diffusers_applies_our_fp16_bf16_files_with_per_block_ranks_exactly(load, dtype, tmp_path):
+    """Half-precision files (alpha exact) and sd-scripts' block_dims (a different rank per block) load as saved."""
+    dims = ",".join(["2"] * 6 + ["8"] * 6 + ["0"] + ["4"] * 12)
+    config = LoraConfig(rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, block_dims=dims)
+    net, fused, _ = _diffusers_fused_deltas(load, "sd1", config, tmp_path, dtype=dtype)
+    assert {net.lora(n).rank for n in net.names("unet")} == {2, 4, 8}
+    assert net.skipped and not set(net.skipped) & set(fused)
     for name, delta in fused.items():
         assert (delta - net.lora(name).delta_weight()).abs().max() < 1e-5, name
 
