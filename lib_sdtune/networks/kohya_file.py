@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = ["save_lora", "load_lora", "load_lora_into", "lora_metadata"]
 SS_METADATA_MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
                             "ss_network_alpha", "ss_network_args")
 _IMPL_SGM = "https://github.com/Stability-AI/generative-models"
+log = logging.getLogger(__name__)
 
 
 def _base_model_version(family: str, v_pred: bool) -> str:
@@ -82,6 +84,10 @@ def save_lora(network: LoraNetwork, path: str | os.PathLike, metadata: Optional[
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
         raise SdtuneError(f"{p}: LoRA files are written as .safetensors only")
+    if network.config.weight_decompose:
+        log.warning("%s: DoRA files are exact in LyCORIS and sdtune; ComfyUI applies them approximately and "
+                    "A1111 1.10 misreads their per-output-row dora_scale (prefer LoRA/LoCon/LoHa/LoKr for A1111)",
+                    p.name)
     tensors = network.state_dict_kohya(dtype)
     meta = lora_metadata(network, p.stem, v_pred=v_pred, extra=metadata)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_hashes(tensors, meta)
