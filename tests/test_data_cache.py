@@ -132,3 +132,24 @@ def test_text_encoder_output_cache(tmp_path):
     assert text_encoder_cache_refusal([SubsetConfig()], train_text_encoder=False) is None
     assert "trained" in text_encoder_cache_refusal([SubsetConfig()], train_text_encoder=True)
     assert "shuffle_caption" in text_encoder_cache_refusal([SubsetConfig(shuffle_caption=True)], False)
+
+
+def test_nan_latents_are_refused_with_advice(tmp_path, vaes):
+    root = _dataset(tmp_path)
+    cache = LatentCache("v")
+    vae = vaes[0]
+    saved = vae.encoder.conv_in.bias.data.clone()
+    vae.encoder.conv_in.bias.data[0] = float("nan")
+    try:
+        with pytest.raises(SdtuneError, match="fp16-fix"):
+            cache.build(_data(root, cache, flip=False), vae)
+    finally:
+        vae.encoder.conv_in.bias.data.copy_(saved)
+
+
+def test_interpolation_is_part_of_the_key(tmp_path, vaes):
+    root = _dataset(tmp_path)
+    cache = LatentCache("v", to_disk=True)
+    cache.build(_data(root, cache, flip=False), vaes[0])
+    rep = cache.build(_data(root, cache, flip=False, resize_interpolation="bicubic"), vaes[0])
+    assert rep.encoded == 3 and {w for _, w in rep.rebuilt} == {"another resize_interpolation"}

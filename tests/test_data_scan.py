@@ -166,6 +166,9 @@ def test_validation_split_holds_out_images_like_sd_scripts(tmp_path):
     assert len(scan.validation_images) == 2 and len(scan.train_images) == 8
     assert scan.num_train_images == 16 and scan.subsets[0].img_count == 8
     assert scan_dataset(cfg).validation_images == scan.validation_images  # seeded
+    val = scan.validation_scan()
+    assert val.num_train_images == 2 and {r.path for r in val.train_images} == {r.path for r in
+                                                                                scan.validation_images}
 
 
 def test_scan_path_takes_a_folder_or_a_dataset_config(demo, tmp_path):

@@ -79,9 +79,12 @@ class LatentCache:
         """Where an image's latents for a bucket live on disk."""
         return image.with_name(f"{image.stem}_{bucket[0]:04d}x{bucket[1]:04d}{SUFFIX}")
 
-    def _expected(self, image: Path, bucket: tuple[int, int], resized: tuple[int, int], flip: bool) -> dict[str, str]:
+    def _expected(self, image: Path, bucket: tuple[int, int], resized: tuple[int, int], flip: bool,
+                  interpolation: Optional[str]) -> dict[str, str]:
+        """The key an entry must carry to be reused."""
         return {"format": FORMAT, "vae": self.vae_id, "bucket": f"{bucket[0]},{bucket[1]}",
-                "resized": f"{resized[0]},{resized[1]}", "flip": "1" if flip else "0", "image": _file_stamp(image)}
+                "resized": f"{resized[0]},{resized[1]}", "interpolation": str(interpolation or "auto"),
+                "flip": "1" if flip else "0", "image": _file_stamp(image)}
 
     def _read(self, image: Path, bucket: tuple[int, int]) -> Optional[dict]:
         """The entry's header and tensors from memory or disk, or None."""
@@ -100,7 +103,8 @@ class LatentCache:
             return {"meta": {"error": f"unreadable ({e})"}, "tensors": {}}
         return {"meta": meta, "tensors": tensors}
 
-    def stale_reason(self, image: Path, bucket: tuple[int, int], resized: tuple[int, int], flip: bool) -> Optional[str]:
+    def stale_reason(self, image: Path, bucket: tuple[int, int], resized: tuple[int, int], flip: bool,
+                     interpolation: Optional[str] = None) -> Optional[str]:
         """None when a valid entry exists; otherwise why not ("missing", "made with another VAE", ...)."""
         entry = self._read(image, bucket)
         if entry is None:
@@ -108,9 +112,10 @@ class LatentCache:
         meta = entry["meta"]
         if "error" in meta:
             return meta["error"]
-        want = self._expected(image, bucket, resized, flip)
+        want = self._expected(image, bucket, resized, flip, interpolation)
         names = {"format": "an older cache format", "vae": "made with another VAE", "bucket": "another bucket",
-                 "resized": "another resize", "image": "the image file changed since"}
+                 "resized": "another resize", "interpolation": "another resize_interpolation",
+                 "image": "the image file changed since"}
         for k, why in names.items():
             if meta.get(k) != want[k]:
                 return why
@@ -152,15 +157,15 @@ class LatentCache:
         for d, (items, plan) in enumerate(zip(data.items, data.plans)):
             for i, rec in enumerate(items):
                 choice = plan.choices[i]
-                flip = data.subset_of(d, i).flip_aug
-                why = self.stale_reason(rec.path, choice.bucket, choice.resized_size, flip)
+                sub = data.subset_of(d, i)
+                interp = sub.resize_interpolation or data.scans[d].config.resize_interpolation
+                why = self.stale_reason(rec.path, choice.bucket, choice.resized_size, sub.flip_aug, interp)
                 if why is None:
                     report.reused += 1
                     continue
                 if why != "missing":
                     report.rebuilt.append((rec.path, why))
-                todo.append((rec, choice, flip, data.scans[d].config.resize_interpolation,
-                             data.subset_of(d, i).resize_interpolation))
+                todo.append((rec, choice, sub.flip_aug, interp))
         by_bucket: dict[tuple[int, int], list] = {}
         for t in todo:
             by_bucket.setdefault(t[1].bucket, []).append(t)
@@ -182,15 +187,14 @@ class LatentCache:
                       report: CacheReport) -> None:
         """Encode images that share a bucket (and their mirrors) in one VAE call, then store each."""
         ready, pixels = [], []
-        for rec, choice, flip, ds_interp, sub_interp in group:
+        for rec, choice, flip, interp in group:
             try:
                 im = load_rgb(rec.path)
             except ImageReadError as e:
                 report.failed.append((rec.path, str(e)))
                 continue
-            prep = resize_and_crop(im, rec.size, choice.bucket, choice.resized_size, False, None,
-                                   sub_interp or ds_interp)
-            ready.append((rec, choice, flip, prep))
+            prep = resize_and_crop(im, rec.size, choice.bucket, choice.resized_size, False, None, interp)
+            ready.append((rec, choice, flip, interp, prep))
             pixels.append(prep.pixels)
             if flip:
                 pixels.append(flip_pixels(prep.pixels))
@@ -200,14 +204,17 @@ class LatentCache:
         with torch.no_grad():
             lat = vae.encode(x.to(param.device, param.dtype)).latent_dist.sample(generator=gen)
         lat = lat.float().cpu()
+        if not torch.isfinite(lat).all():
+            raise SdtuneError(f"the VAE gave NaN/inf latents for {ready[0][0].path.name} (SDXL's VAE overflows in "
+                              f"fp16): encode in fp32/bf16, or use the fp16-fix SDXL VAE")
         k = 0
-        for rec, choice, flip, prep in ready:
+        for rec, choice, flip, interp, prep in ready:
             tensors = {"latents": lat[k].clone()}
             k += 1
             if flip:
                 tensors["latents_flipped"] = lat[k].clone()
                 k += 1
-            meta = self._expected(rec.path, choice.bucket, choice.resized_size, flip)
+            meta = self._expected(rec.path, choice.bucket, choice.resized_size, flip, interp)
             meta["original_size"] = f"{prep.original_size[0]},{prep.original_size[1]}"
             meta["crop"] = f"{prep.crop_top_left[0]},{prep.crop_top_left[1]}"
             self._store(rec.path, choice.bucket, meta, tensors)

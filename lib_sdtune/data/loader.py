@@ -185,12 +185,12 @@ class TrainingData:
         """Batches of one epoch in order, decoded `prefetch_batches` ahead in `workers` threads.
 
         `start_index` skips batches already trained (resume); batches whose images all failed to
-        decode are left out (their files are named in the batch's `skipped` list of the next batch).
+        decode are left out (their files are named in the `skipped` list of the next batch yielded).
         """
         keys = self.epoch_plan(epoch)[start_index:]
         workers = self.options.workers
         if workers <= 0 and executor is None:
-            pending: list[Path] = []
+            pending: list[tuple[Path, str]] = []
             for key in keys:
                 yield from self._emit(self.load_batch(key, self.step_of(key, first_step)), pending)
             return

@@ -125,6 +125,11 @@ class DatasetScan:
         return out
 
 
+    def validation_scan(self) -> DatasetScan:
+        """The held-out images as a dataset of their own (1 repeat each), for validation batches."""
+        recs = tuple(replace(r, is_validation=False, repeats=1) for r in self.records if r.is_validation)
+        return replace(self, records=recs, warnings=(), skipped=())
+
     def report(self) -> str:
         """A plain-text summary for a job's report: folders, counts, skipped files and warnings."""
         lines = []
