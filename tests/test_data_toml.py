@@ -9,7 +9,12 @@ from PIL import Image
 
 from lib_sdtune.data.config import DatasetConfig, SubsetConfig
 from lib_sdtune.data.scan import scan_dataset_config
-from lib_sdtune.data.toml_config import load_dataset_config, parse_dataset_config
+from lib_sdtune.data.toml_config import (
+    folder_mode_templates,
+    load_dataset_config,
+    parse_dataset_config,
+    split_train_args,
+)
 from lib_sdtune.errors import SdtuneError
 
 DOC_EXAMPLE = """
@@ -115,3 +120,19 @@ def test_json_config_and_scan(tmp_path):
     p = _write(tmp_path, json.dumps(cfg), "ds.json")
     (scan,) = scan_dataset_config(p)
     assert scan.num_train_images == 3 and scan.records[0].caption == "tag one, tag two"
+
+
+def test_training_settings_split_into_dataset_keys_and_the_rest(tmp_path):
+    args = {"train_batch_size": 4, "resolution": "768,512", "enable_bucket": True, "flip_aug": True,
+            "learning_rate": 1e-4, "network_dim": 16, "prior_loss_weight": 0.7, "keep_tokens": None}
+    data, rest = split_train_args(args)
+    assert data == {"batch_size": 4, "resolution": "768,512", "enable_bucket": True, "flip_aug": True,
+                    "prior_loss_weight": 0.7}
+    assert rest == {"learning_rate": 1e-4, "network_dim": 16, "keep_tokens": None}
+    ds, sub = folder_mode_templates(data)
+    assert (ds.batch_size, ds.resolution, ds.enable_bucket, ds.prior_loss_weight) == (4, (768, 512), True, 0.7)
+    assert sub.flip_aug and sub.num_repeats == 1
+    with pytest.raises(SdtuneError, match="batch_size = '4'"):
+        folder_mode_templates({"batch_size": "4"})
+    (cfg,) = parse_dataset_config({"datasets": [{"subsets": [{"image_dir": "x"}]}]}, defaults=data)
+    assert cfg.batch_size == 4 and cfg.subsets[0].flip_aug and cfg.prior_loss_weight == 0.7

@@ -234,3 +234,32 @@ def load_dataset_config(path: str | os.PathLike,
     """Read and validate an sd-scripts `--dataset_config` file (TOML or JSON)."""
     p = Path(path)
     return parse_dataset_config(read_config_file(p), defaults, source=str(p), base_dir=p.parent)
+
+
+ARG_ALIASES = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}  # sd-scripts' CLI -> config
+
+
+def split_train_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """sd-scripts-style training settings -> (dataset keys under their dataset_config names, all other keys).
+
+    The dataset keys are what sd-scripts' command line gives a dataset_config as fallbacks (and what
+    folder mode uses directly); `train_batch_size` and `dataset_repeats` are renamed as sd-scripts does.
+    """
+    data, rest = {}, {}
+    for key, value in args.items():
+        name = ARG_ALIASES.get(key, key)
+        if (name in GENERAL_KEYS or name == "prior_loss_weight") and value is not None:
+            data[name] = value
+        else:
+            rest[key] = value
+    return data, rest
+
+
+def folder_mode_templates(settings: Mapping[str, Any],
+                          source: str = "training settings") -> tuple[DatasetConfig, SubsetConfig]:
+    """The DatasetConfig and SubsetConfig folder mode starts from, from dataset keys (type-checked as in a
+    dataset_config; `num_repeats`/`class_tokens` come from each folder's name instead)."""
+    _check_keys(settings, GENERAL_KEYS | {"prior_loss_weight"}, "the dataset settings", source)
+    levels = [("settings", settings)]
+    return DatasetConfig(**_resolve(DatasetConfig, levels, source)), SubsetConfig(**_resolve(SubsetConfig, levels,
+                                                                                               source))
