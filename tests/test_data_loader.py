@@ -122,3 +122,17 @@ def test_two_datasets_keep_their_own_batch_size_and_multiplier(demo):
         assert len(x) <= (3 if x.key.dataset == 0 else 1)
         assert x.network_multipliers.tolist() == [0.5 if x.key.dataset == 0 else 1.0] * len(x)
     assert {x.key.dataset for x in batches[:6]} == {0, 1}  # interleaved, not one dataset after the other
+
+
+def test_jpeg_draft_gives_the_same_batch_shape_and_nearly_the_same_pixels(tmp_path):
+    folder = tmp_path / "t" / "1_x"
+    folder.mkdir(parents=True)
+    y, x = np.mgrid[0:768, 0:1024]
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(folder / "a.jpg",
+                                                                                            quality=95)
+    cfg = DatasetConfig(resolution=(256, 256), enable_bucket=True, min_bucket_reso=128, max_bucket_reso=512)
+    scan = scan_folder(tmp_path / "t", dataset=cfg)
+    full = next(make_training_data([scan], LoaderOptions(workers=0)).iter_epoch(1))
+    fast = next(make_training_data([scan], LoaderOptions(workers=0, jpeg_draft=True)).iter_epoch(1))
+    assert full.pixels.shape == fast.pixels.shape and full.original_sizes_hw == fast.original_sizes_hw == [(768, 1024)]
+    assert (full.pixels - fast.pixels).abs().mean() < 0.05
