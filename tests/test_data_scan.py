@@ -192,3 +192,10 @@ def test_report_lists_folders_counts_and_skipped_files(tmp_path):
     assert "3_a: 1 image(s) x 3 repeat(s), 1 without a caption" in text
     assert "3 training sample(s) per epoch" in text
     assert "skipped 1 file(s):" in text and "bad.png" in text
+
+
+def test_sd_scripts_options_sdtune_does_not_apply_are_said_out_loud(tmp_path):
+    _img(tmp_path / "a" / "x.png")
+    cfg = DatasetConfig(subsets=(SubsetConfig(image_dir=str(tmp_path / "a"), alpha_mask=True,
+                                              face_crop_aug_range=(2.0, 4.0)),))
+    assert any("face_crop_aug_range and alpha_mask are accepted" in w for w in scan_dataset(cfg).warnings)

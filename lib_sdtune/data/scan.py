@@ -372,6 +372,11 @@ def scan_dataset(config: DatasetConfig, options: Optional[ScanOptions] = None, *
             continue
         seen.add(key)
         kept.append(sub)
+        ignored = [k for k, on in (("face_crop_aug_range", sub.face_crop_aug_range is not None),
+                                   ("alpha_mask", sub.alpha_mask)) if on]
+        if ignored:
+            warnings.append(f"{sub.image_dir}: {' and '.join(ignored)} are accepted for sd-scripts compatibility but "
+                            f"not applied by sdtune (transparent pixels are flattened onto white)")
     for i, sub in enumerate(kept):
         if progress is not None:
             progress(i, len(kept), sub.image_dir)
