@@ -153,3 +153,15 @@ def test_interpolation_is_part_of_the_key(tmp_path, vaes):
     cache.build(_data(root, cache, flip=False), vaes[0])
     rep = cache.build(_data(root, cache, flip=False, resize_interpolation="bicubic"), vaes[0])
     assert rep.encoded == 3 and {w for _, w in rep.rebuilt} == {"another resize_interpolation"}
+
+
+def test_an_image_broken_before_caching_is_skipped_not_fatal(tmp_path, vaes):
+    root = _dataset(tmp_path)
+    cache = LatentCache("v")
+    data = _data(root, cache, flip=False)
+    (root / "2_x" / "1.png").write_bytes(b"broken")
+    report = cache.build(data, vaes[0])
+    assert report.encoded == 2 and [p.name for p, _ in report.failed] == ["1.png"]
+    batches = list(data.iter_epoch(1))
+    assert sum(len(b) for b in batches) == 4  # 3 images x 2 repeats, minus the broken one's 2
+    assert {p.name for b in batches for p, _ in b.skipped} == {"1.png"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -73,6 +74,7 @@ class LatentCache:
         self.vae_id = vae_id
         self.to_disk = to_disk
         self._mem: dict[tuple[Path, tuple[int, int]], dict] = {}
+        self.failed: dict[Path, str] = {}  # images that could not be decoded when the cache was built
 
     @staticmethod
     def disk_path(image: Path, bucket: tuple[int, int]) -> Path:
@@ -86,8 +88,8 @@ class LatentCache:
                 "resized": f"{resized[0]},{resized[1]}", "interpolation": str(interpolation or "auto"),
                 "flip": "1" if flip else "0", "image": _file_stamp(image)}
 
-    def _read(self, image: Path, bucket: tuple[int, int]) -> Optional[dict]:
-        """The entry's header and tensors from memory or disk, or None."""
+    def _read(self, image: Path, bucket: tuple[int, int], load: bool = True) -> Optional[dict]:
+        """The entry's header and tensors (names only, with `load=False`) from memory or disk, or None."""
         if not self.to_disk:
             return self._mem.get((image, bucket))
         path = self.disk_path(image, bucket)
@@ -98,7 +100,7 @@ class LatentCache:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: (f.get_tensor(k) if load else None) for k in f.keys()}
         except Exception as e:  # a torn or foreign file is stale, never fatal
             return {"meta": {"error": f"unreadable ({e})"}, "tensors": {}}
         return {"meta": meta, "tensors": tensors}
@@ -106,7 +108,7 @@ class LatentCache:
     def stale_reason(self, image: Path, bucket: tuple[int, int], resized: tuple[int, int], flip: bool,
                      interpolation: Optional[str] = None) -> Optional[str]:
         """None when a valid entry exists; otherwise why not ("missing", "made with another VAE", ...)."""
-        entry = self._read(image, bucket)
+        entry = self._read(image, bucket, load=False)
         if entry is None:
             return "missing"
         meta = entry["meta"]
@@ -150,8 +152,9 @@ class LatentCache:
 
     def build(self, data: TrainingData, vae: torch.nn.Module, batch_size: int = 1, seed: int = 0,
               progress: Optional[Callable[[int, int, str], None]] = None,
-              cancelled: Optional[Callable[[], bool]] = None) -> CacheReport:
-        """Encode every image of `data` that has no valid entry (stale ones are rebuilt and reported)."""
+              cancelled: Optional[Callable[[], bool]] = None, workers: int = 2) -> CacheReport:
+        """Encode every image of `data` that has no valid entry (stale ones are rebuilt and reported);
+        images are decoded in `workers` threads while the VAE encodes the previous group."""
         check_cacheable(data)
         todo, report = [], CacheReport()
         for d, (items, plan) in enumerate(zip(data.items, data.plans)):
@@ -174,30 +177,27 @@ class LatentCache:
         param = next(vae.parameters())
         gen = torch.Generator(device=param.device).manual_seed(seed)
         done = 0
-        for group in groups:
-            if cancelled is not None and cancelled():
-                break
-            self._encode_group(group, vae, param, gen, report)
-            done += len(group)
-            if progress is not None:
-                progress(done, len(todo), group[-1][0].path.name)
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sdtune-latents") as pool:
+            pending = [pool.submit(_decode_group, g) for g in groups[:workers + 1]]
+            for n, group in enumerate(groups):
+                ready, pixels, failed = pending.pop(0).result()
+                if n + workers + 1 < len(groups):
+                    pending.append(pool.submit(_decode_group, groups[n + workers + 1]))
+                report.failed += failed
+                self.failed.update(failed)
+                if cancelled is not None and cancelled():
+                    for f in pending:
+                        f.cancel()
+                    break
+                self._encode(ready, pixels, vae, param, gen, report)
+                done += len(group)
+                if progress is not None:
+                    progress(done, len(todo), group[-1][0].path.name)
         return report
 
-    def _encode_group(self, group: list, vae: torch.nn.Module, param: torch.Tensor, gen: torch.Generator,
-                      report: CacheReport) -> None:
-        """Encode images that share a bucket (and their mirrors) in one VAE call, then store each."""
-        ready, pixels = [], []
-        for rec, choice, flip, interp in group:
-            try:
-                im = load_rgb(rec.path)
-            except ImageReadError as e:
-                report.failed.append((rec.path, str(e)))
-                continue
-            prep = resize_and_crop(im, rec.size, choice.bucket, choice.resized_size, False, None, interp)
-            ready.append((rec, choice, flip, interp, prep))
-            pixels.append(prep.pixels)
-            if flip:
-                pixels.append(flip_pixels(prep.pixels))
+    def _encode(self, ready: list, pixels: list, vae: torch.nn.Module, param: torch.Tensor, gen: torch.Generator,
+                report: CacheReport) -> None:
+        """Encode one bucket's images (and their mirrors) in one VAE call, then store each."""
         if not ready:
             return
         x = to_tensor(pixels)
@@ -219,6 +219,23 @@ class LatentCache:
             meta["crop"] = f"{prep.crop_top_left[0]},{prep.crop_top_left[1]}"
             self._store(rec.path, choice.bucket, meta, tensors)
             report.encoded += 1
+
+
+def _decode_group(group: list) -> tuple[list, list, list]:
+    """(ready, pixels, failed) for images that share a bucket: decoded and centre-cut, mirrors added."""
+    ready, pixels, failed = [], [], []
+    for rec, choice, flip, interp in group:
+        try:
+            im = load_rgb(rec.path)
+        except ImageReadError as e:
+            failed.append((rec.path, str(e)))
+            continue
+        prep = resize_and_crop(im, rec.size, choice.bucket, choice.resized_size, False, None, interp)
+        ready.append((rec, choice, flip, interp, prep))
+        pixels.append(prep.pixels)
+        if flip:
+            pixels.append(flip_pixels(prep.pixels))
+    return ready, pixels, failed
 
 
 def check_cacheable(data: TrainingData) -> None:

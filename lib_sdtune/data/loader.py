@@ -132,6 +132,9 @@ class TrainingData:
             flipped = decide_flip(sub.flip_aug, rng)
             cached = None
             if self.latent_cache is not None:
+                if rec.path in self.latent_cache.failed:
+                    skipped.append((rec.path, self.latent_cache.failed[rec.path]))
+                    continue
                 cached = self.latent_cache.get(rec.path, choice.bucket, flipped)
                 if cached is None:
                     raise SdtuneError(f"no cached latents for {rec.path} at {choice.bucket}: build the latent "
