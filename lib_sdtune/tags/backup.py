@@ -110,14 +110,14 @@ def restore_backup(dataset: str | os.PathLike, backup: str | os.PathLike | None 
         if dataset.resolve() not in target.parents:
             raise SdtuneError(f"{backup}: entry {rel!r} points outside the dataset; refusing to restore it")
     store = load_captions(dataset, config or LoadConfig())
-    by_caption = {store.rel(it.caption): i for i, it in enumerate(store.items)}
+    by_caption = {store.rel(it.caption_path): i for i, it in enumerate(store.items)}
     missing = [rel for rel in wanted if rel not in by_caption]
     if missing:
         raise SdtuneError(f"{backup}: {len(missing)} caption(s) belong to images that are gone or to another "
                           f"caption extension (first: {missing[0]}); restore with the matching extension")
     changes = {by_caption[rel]: data for rel, data in wanted.items() if store.items[by_caption[rel]].raw != data}
     saved = CaptionBackup(dataset, prefix="before-restore")
-    saved.add({store.rel(store.items[i].caption): store.items[i].raw for i in changes})
+    saved.add({store.rel(store.items[i].caption_path): store.items[i].raw for i in changes})
     store.write_bytes(changes)
     restored = [store.items[i].caption for i, d in changes.items() if d is not None]
     deleted = [store.items[i].caption for i, d in changes.items() if d is None]

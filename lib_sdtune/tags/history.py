@@ -115,7 +115,7 @@ class EditSession:
         if self.backup is None:
             return None
         items = self.store.items
-        return self.backup.add({self.store.rel(items[i].caption): data for i, data in before.items()})
+        return self.backup.add({self.store.rel(items[i].caption_path): data for i, data in before.items()})
 
     def undo(self) -> EditResult:
         """Write back the captions as they were before the last step."""

@@ -62,6 +62,11 @@ class CaptionItem:
         return self.folder / self.caption_name
 
     @property
+    def caption_path(self) -> str:
+        """The caption file as a string (cheap: what bulk writes use)."""
+        return os.path.join(self.folder, self.caption_name)
+
+    @property
     def has_caption(self) -> bool:
         """True when a caption file exists."""
         return self.raw is not None
@@ -77,31 +82,34 @@ class CaptionStore:
     orphan_captions: list[Path] = field(default_factory=list)
     load_seconds: float = 0.0
 
-    def rel(self, path: Path) -> str:
-        """A path relative to the dataset root, with forward slashes."""
-        return path.relative_to(self.root).as_posix()
+    def rel(self, path: str | os.PathLike) -> str:
+        """A path inside the dataset relative to its root, with forward slashes."""
+        text, root = os.fspath(path), os.fspath(self.root).rstrip(os.sep) + os.sep
+        if not text.startswith(root):
+            return Path(text).relative_to(self.root).as_posix()
+        rel = text[len(root):]
+        return rel.replace(os.sep, "/") if os.sep != "/" else rel
 
     def unreadable(self) -> list[CaptionItem]:
         """Items whose caption could not be decoded (edits skip them)."""
         return [it for it in self.items if it.error]
 
-    def write(self, new_tags: Mapping[int, list[str] | None]) -> list[Path]:
+    def write(self, new_tags: Mapping[int, list[str] | None]) -> None:
         """Write the tag lists of items by index (None deletes the caption file); atomic, conflict-checked."""
-        return self.write_bytes({i: None if t is None else encode_caption(t) for i, t in new_tags.items()})
+        self.write_bytes({i: None if t is None else encode_caption(t) for i, t in new_tags.items()})
 
-    def write_bytes(self, changes: Mapping[int, bytes | None]) -> list[Path]:
+    def write_bytes(self, changes: Mapping[int, bytes | None]) -> None:
         """Write caption bytes of items by index (None deletes the file), all or nothing if any changed on disk."""
-        files: dict[Path, bytes | None] = {}
+        files: dict[str, bytes | None] = {}
         for i, data in changes.items():
             item = self.items[i]
             check_unchanged(item)
-            files[item.caption] = data
+            files[item.caption_path] = data
         stamps = write_many(files)
         for i, data in changes.items():
             item = self.items[i]
-            item.raw, item.stamp, item.error = data, stamps.get(item.caption), None
+            item.raw, item.stamp, item.error = data, stamps.get(item.caption_path), None
             item.tags, item.bom, item.multiline = ([], False, False) if data is None else decode_caption(data)
-        return [self.items[i].caption for i in changes]
 
 
 def encode_caption(tags: list[str]) -> bytes:
@@ -121,7 +129,7 @@ def decode_caption(data: bytes) -> tuple[list[str], bool, bool]:
 def check_unchanged(item: CaptionItem) -> None:
     """Refuse to overwrite a caption that another program changed since sdtune read it."""
     try:
-        st = os.stat(os.path.join(item.folder, item.caption_name))
+        st = os.stat(item.caption_path)
         now = (st.st_mtime_ns, st.st_size)
     except FileNotFoundError:
         now = None
