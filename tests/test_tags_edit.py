@@ -203,3 +203,29 @@ def test_bad_ops_are_refused(tmp_path):
         run(make(tmp_path), RemoveTag("(", regex=True))
     with pytest.raises(SdtuneError, match="no tag operation"):
         run(tmp_path)
+
+
+def test_restore_refuses_entries_outside_the_dataset(tmp_path):
+    root = make(tmp_path / "ds")
+    s = EditSession.open(root)
+    s.apply([AddTag("trig")])
+    backup = list_backups(root)[0]
+    doc = json.loads(backup.read_text("utf-8"))
+    doc["files"]["../evil.txt"] = "x"
+    backup.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(SdtuneError, match="outside the dataset"):
+        restore_backup(root, backup)
+    assert not (tmp_path / "evil.txt").exists()
+    with pytest.raises(SdtuneError, match="no caption backup"):
+        restore_backup(make(tmp_path / "other"))
+
+
+def test_undo_refuses_when_a_caption_changed_meanwhile(tmp_path):
+    root = make(tmp_path)
+    s = EditSession.open(root)
+    s.apply([AddTag("trig")])
+    (root / "10_a/1.txt").write_text("edited by hand, much longer now", encoding="utf-8")
+    with pytest.raises(SdtuneError, match="changed on disk"):
+        s.undo()
+    assert (root / "10_a/1.txt").read_text("utf-8") == "edited by hand, much longer now"
+    assert s.can_undo

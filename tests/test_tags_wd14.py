@@ -210,3 +210,25 @@ def test_missing_onnxruntime_names_the_package(tmp_path, model_dir, monkeypatch)
     monkeypatch.setattr(builtins, "__import__", no_ort)
     with pytest.raises(SdtuneError, match="pip install onnxruntime"):
         open_model(model_dir)
+
+
+def test_download_only_names_the_repo_and_respects_offline_mode(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    from lib_sdtune.tags.wd14_model import download_model
+
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None, local_dir=None):
+        calls.append((repo_id, filename))
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / filename).write_text("x")
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SdtuneError, match="HF_HUB_OFFLINE"):
+        download_model("SmilingWolf/wd-vit-tagger-v3", tmp_path)
+    assert calls == []
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    dest = download_model("SmilingWolf/wd-vit-tagger-v3", tmp_path)
+    assert dest == tmp_path / "wd-vit-tagger-v3" and sorted(f for _, f in calls) == ["model.onnx", "selected_tags.csv"]
