@@ -166,6 +166,14 @@ def test_modes_overwrite_prepend_skip_and_fixed_batch_model(tmp_path):
     assert blue.read_text("utf-8") == "blue theme, long hair"
 
 
+def test_a_fixed_batch_larger_than_the_last_chunk_is_padded(tmp_path):
+    fixed = write_model(tmp_path / "fixed3", batch=3)
+    root = make_images(tmp_path / "ds")
+    r = tag_dataset(Wd14Config(root, fixed, batch_size=8, exclude=("watermark",)))
+    assert len([i for i in r.images if not i.error]) == 3
+    assert (root / "10_x" / "red.txt").read_text("utf-8") == "red (character), red theme, long hair"
+
+
 def test_cancel_writes_only_what_was_tagged(tmp_path, model_dir):
     root = make_images(tmp_path)
     calls = []

@@ -162,7 +162,11 @@ def tag_images(paths: Sequence[Path], model: Wd14Model, config: Wd14Config,
                 except Exception as e:  # PIL raises many types for broken files
                     results.append(ImageTags(path, (), {}, {}, f"cannot read the image: {e}"))
             if arrays:
-                out = model.predict(np.stack(arrays))
+                stacked = np.stack(arrays)
+                if model.fixed_batch and len(arrays) < model.fixed_batch:  # a graph exported with a fixed batch
+                    pad = np.full((model.fixed_batch - len(arrays), *stacked.shape[1:]), 255, np.float32)
+                    stacked = np.concatenate([stacked, pad])
+                out = model.predict(stacked)[:len(arrays)]
                 for path, row in zip(ok, out):
                     tags, scores, rating = select_tags(row, model.labels, config)
                     results.append(ImageTags(path, tuple(tags), scores, rating))
