@@ -7,7 +7,6 @@ import sys
 
 # command -> (subcommands, one-line help, issue that builds it)
 PENDING: dict[str, tuple[tuple[str, ...], str, int]] = {
-    "plan": ((), "recommend steps/epochs/LR for a dataset and write a train config", 4),
     "train": ((), "train a LoRA/LyCORIS adapter from a kohya-style config", 5),
     "merge": ((), "merge checkpoints (weighted sum, add difference, block weights, ...)", 6),
     "repair": (("te-override", "te-blend", "lora-te", "diagnose", "pick-epoch"),
