@@ -195,3 +195,22 @@ def test_adafactor_schedule_refuses_warmup_like_sd_scripts():
     spec = build_optimizer("AdaFactor", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], 1e-4)
     with pytest.raises(SdtuneError, match="lr_warmup_steps.*relative_step=False"):
         build_scheduler(spec.forced_scheduler, spec.optimizer, T, 5)
+
+
+def test_schedule_free_seen_through_an_accelerate_wrapper():
+    pytest.importorskip("schedulefree")
+
+    class AcceleratedOptimizer(torch.optim.Optimizer):  # stands for accelerate's wrapper (same class name)
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    spec = build_optimizer("SGDScheduleFree", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], LR)
+    sched = build_scheduler("linear", AcceleratedOptimizer(spec.optimizer), T, 0)
+    assert _curve(sched, 5) == [LR] * 6

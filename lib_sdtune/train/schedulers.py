@@ -67,15 +67,23 @@ def _parse_scheduler_args(scheduler_args: SchedulerArgs) -> dict[str, Any]:
     return kwargs
 
 
+def _unwrap(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's AcceleratedOptimizer wrapper (the object itself otherwise)."""
+    while type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _is_schedule_free(optimizer: Any) -> bool:
     """A schedule-free optimizer (package schedulefree or any class named ...ScheduleFree)."""
-    return type(optimizer).__name__.lower().endswith("schedulefree") or (
-        type(optimizer).__module__.split(".")[0] == "schedulefree")
+    cls = type(_unwrap(optimizer))
+    return cls.__name__.lower().endswith("schedulefree") or cls.__module__.split(".")[0] == "schedulefree"
 
 
 def _is_relative_step_adafactor(optimizer: Any) -> bool:
     """transformers' Adafactor with relative_step, which sets its own learning rate."""
-    return type(optimizer).__name__ == "Adafactor" and bool(getattr(optimizer, "defaults", {}).get("relative_step"))
+    inner = _unwrap(optimizer)
+    return type(inner).__name__ == "Adafactor" and bool(getattr(inner, "defaults", {}).get("relative_step"))
 
 
 def _adafactor_schedule(name: str, optimizer: Any, warmup: int) -> LRScheduler:
@@ -90,9 +98,9 @@ def _adafactor_schedule(name: str, optimizer: Any, warmup: int) -> LRScheduler:
     except ValueError:
         raise SdtuneError(f"lr_scheduler {name!r}: expected adafactor or adafactor:<initial lr>") from None
     transformers_optimization = importlib.import_module("transformers.optimization")
-    if not isinstance(optimizer, transformers_optimization.Adafactor):
+    if not isinstance(_unwrap(optimizer), transformers_optimization.Adafactor):
         raise SdtuneError("lr_scheduler 'adafactor' works only with optimizer_type AdaFactor; pick another scheduler")
-    return transformers_optimization.AdafactorSchedule(optimizer, initial_lr)
+    return transformers_optimization.AdafactorSchedule(_unwrap(optimizer), initial_lr)
 
 
 def build_scheduler(name: str, optimizer: Any, total_steps: int, warmup_steps: Union[int, float, str] = 0,
