@@ -26,7 +26,7 @@ def test_help_lists_every_contract_command():
 
 
 @pytest.mark.parametrize("argv", [["train", "cfg.toml"], ["lora", "bake", "m.safetensors", "x.safetensors"],
-                                  ["merge", "a", "b"], ["repair", "diagnose"]])
+                                  ["repair", "diagnose"]])
 def test_commands_not_built_yet_say_so_and_exit_2(argv):
     out = run(*argv)
     assert out.returncode == 2 and "not built yet" in out.stderr and out.stdout == ""

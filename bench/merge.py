@@ -1,0 +1,158 @@
+"""Merge benchmark: sdtune's streaming checkpoint merge vs the I/O floor, on full-size SD1.5 shapes, in one run.
+
+Builds two SD1.5-shaped fp16 checkpoints with random weights (every key and shape of
+tests/data/reference/sd15_keys.json, plus the int64 CLIP position_ids) in a temp folder, then runs,
+each in a fresh interpreter with the inputs dropped from the page cache first (cold):
+- the I/O floor: read both files in 64 MiB chunks and write one file of the same size (fsync'ed);
+- sdtune: `merge_checkpoints` weighted_sum alpha 0.5 to fp16 (the same work A1111's merger does).
+Reports wall time, the ratio to the floor, CPU seconds, peak RSS (VmHWM: mapped file pages included,
+what `/usr/bin/time -v` and task managers show) and bytes read (rchar). The temp folder is deleted after.
+Usage:
+    python bench/merge.py [--repeat 2] [--warm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REFERENCE = ROOT / "tests" / "data" / "reference" / "sd15_keys.json"
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+# Each variant runs in its own interpreter; the timing excludes interpreter start and imports.
+_PRELUDE = """
+import json, os, resource, sys, time
+sys.path.insert(0, {root!r})
+import torch
+from lib_sdtune.merge import MergeConfig, merge_checkpoints
+A, B, OUT = {a!r}, {b!r}, {out!r}
+
+def report(seconds, extra):
+    status = dict(line.split(':', 1) for line in open('/proc/self/status') if ':' in line)
+    io = dict(line.split(': ') for line in open('/proc/self/io'))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps(dict(seconds=seconds, cpu=ru.ru_utime + ru.ru_stime,
+                          vmhwm_mib=int(status['VmHWM'].split()[0]) / 1024, rchar=int(io['rchar']), **extra)))
+t0 = time.perf_counter()
+"""
+
+FLOOR = """
+buf = bytearray(64 << 20)
+view = memoryview(buf)
+with open(A, 'rb', buffering=0) as fa, open(B, 'rb', buffering=0) as fb, open(OUT, 'wb', buffering=0) as fo:
+    while True:
+        n = fa.readinto(buf)
+        if not n:
+            break
+        fo.write(view[:n])
+        fb.readinto(buf)
+    os.fsync(fo.fileno())
+report(time.perf_counter() - t0, {})
+"""
+
+SDTUNE = """
+r = merge_checkpoints(MergeConfig((A, B), OUT, method='weighted_sum', alpha=0.5, dtype='fp16'))
+report(time.perf_counter() - t0, dict(bytes_read_reported=r.bytes_read))
+"""
+
+
+def make_inputs(folder: Path) -> tuple[Path, Path]:
+    """Two SD1.5-shaped fp16 checkpoints with different random weights (about 2.1 GB each)."""
+    import torch
+
+    from lib_sdtune.io.safetensors_io import SafetensorsWriter
+
+    shapes = {k: tuple(v) for k, v in json.loads(REFERENCE.read_text()).items()}
+    specs = {k: ("F16", s) for k, s in shapes.items()}
+    specs[POSITION_IDS] = ("I64", (1, 77))
+    paths = []
+    for seed in (1, 2):
+        path = folder / f"sd15_random_{seed}.safetensors"
+        gen = torch.Generator().manual_seed(seed)
+        with SafetensorsWriter(path, specs, {"bench": "merge"}) as w:
+            for name in w.order:
+                if name == POSITION_IDS:
+                    w.write(name, torch.arange(77, dtype=torch.int64)[None])
+                else:
+                    w.write(name, torch.randn(specs[name][1], generator=gen).mul_(0.02).half())
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def drop_cache(*paths: Path) -> None:
+    """Evict files from the page cache, so every run reads from disk (cold)."""
+    for p in paths:
+        if p.exists():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run_variant(code: str, a: Path, b: Path, out: Path, warm: bool) -> dict:
+    """One variant in a fresh interpreter; returns its JSON report."""
+    out.unlink(missing_ok=True)
+    if warm:
+        for p in (a, b):
+            with open(p, "rb", buffering=0) as fh:
+                while fh.read(64 << 20):
+                    pass
+    else:
+        drop_cache(a, b)
+    script = _PRELUDE.format(root=str(ROOT), a=str(a), b=str(b), out=str(out)) + code
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"variant failed:\n{res.stderr}")
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    drop_cache(out)
+    out.unlink(missing_ok=True)
+    return report
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each variant, interleaved (median reported)")
+    ap.add_argument("--warm", action="store_true", help="inputs in the page cache instead of cold reads")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("SDTUNE_BENCH_DIR")) as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        a, b = make_inputs(folder)
+        size = a.stat().st_size
+        print(f"inputs: 2 x {size / 1e9:.2f} GB SD1.5-shaped fp16 ({len(json.loads(REFERENCE.read_text())) + 1} "
+              f"tensors each), built in {time.perf_counter() - t0:.0f} s; {'warm' if args.warm else 'cold'} cache, "
+              f"{args.repeat} interleaved runs each, median; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+        out = folder / "merged.safetensors"
+        runs: dict[str, list[dict]] = {"floor": [], "sdtune": []}
+        for _ in range(args.repeat):
+            runs["floor"].append(run_variant(FLOOR, a, b, out, args.warm))
+            runs["sdtune"].append(run_variant(SDTUNE, a, b, out, args.warm))
+        floor_s = statistics.median(r["seconds"] for r in runs["floor"])
+        print(f"{'variant':<58} {'wall s':>7} {'ratio':>6} {'CPU s':>6} {'peak RSS MiB':>13} {'read GB':>8}")
+        labels = {"floor": "I/O floor: read A and B (64 MiB chunks), write 1 file, fsync",
+                  "sdtune": "sdtune merge_checkpoints weighted_sum 0.5 -> fp16"}
+        for name, rs in runs.items():
+            wall = statistics.median(r["seconds"] for r in rs)
+            cpu = statistics.median(r["cpu"] for r in rs)
+            rss = max(r["vmhwm_mib"] for r in rs)
+            read = statistics.median(r["rchar"] for r in rs)
+            print(f"{labels[name]:<58} {wall:>7.1f} {wall / floor_s:>5.2f}x {cpu:>6.1f} {rss:>13.0f} "
+                  f"{read / 1e9:>8.3f}")
+        print(f"input bytes: {2 * size / 1e9:.3f} GB; all runs (s): "
+              + "; ".join(f"{k} {[round(r['seconds'], 1) for r in v]}" for k, v in runs.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Merge inputs: safetensors read tensor by tensor (plain reads, hashed on the way), or whole state dicts.
+
+A streamed input is hashed while it is read: tensors are requested in file order, the bytes between
+them (header, tensors the merge does not need) are read and hashed in passing, and the rest of the
+file at the end, so the sha256 the recipe records costs no second pass and every byte is read once.
+If the merge needs an input's tensors out of file order, that input is hashed by a separate pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from ..errors import SdtuneError
+from ..io.checkpoint import SAFETENSORS_SUFFIXES, open_checkpoint
+from ..io.hashes import LEGACY_OFFSET, LEGACY_SIZE, file_sha256, legacy_hash
+from ..io.safetensors_io import SafetensorsFile, tensor_bytes
+
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class InputHashes:
+    """What the recipe records of one input file."""
+
+    sha256: str
+    autov1: str  # A1111's legacy hash (64 KiB at 1 MiB), cheap to check before a re-run
+    size: int
+
+
+class _Hasher:
+    """sha256 and A1111's legacy hash of a file, fed with consecutive byte ranges."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.legacy = hashlib.sha256()
+        self.pos = 0
+
+    def update(self, data: memoryview | bytes) -> None:
+        n = len(data)
+        lo, hi = max(LEGACY_OFFSET, self.pos), min(LEGACY_OFFSET + LEGACY_SIZE, self.pos + n)
+        if lo < hi:
+            self.legacy.update(data[lo - self.pos:hi - self.pos])
+        self.sha.update(data)
+        self.pos += n
+
+
+class StreamingInput:
+    """A safetensors input read one tensor at a time through SafetensorsFile, hashed in passing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = SafetensorsFile(path)
+        self.size = path.stat().st_size
+        self.bytes_read = self.file.data_offset  # read_header read the header once
+        items = sorted(self.file.tensors.items(), key=lambda kv: kv[1].start)
+        self.tensors: dict[str, tuple[Optional[torch.dtype], tuple[int, ...]]] = {
+            k: (self.file.dtype(k), i.shape) for k, i in items}  # key -> (dtype, shape), in file order
+        self._hasher: Optional[_Hasher] = _Hasher()
+        self._gap_handle = None
+        self.extra_pass = False
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.file.metadata
+
+    def check_order(self, names: Sequence[str]) -> None:
+        """Fall back to a separate hashing pass if `names` will not be requested in file order."""
+        offsets = [self.file.tensors[n].start for n in names]
+        if any(b < a for a, b in zip(offsets, offsets[1:])):
+            self._hasher = None
+            self.extra_pass = True
+
+    def _feed_until(self, target: int) -> None:
+        """Read and hash the bytes from the hash position up to absolute offset `target`."""
+        h = self._hasher
+        if h is None or h.pos >= target:
+            return
+        if self._gap_handle is None:
+            self._gap_handle = open(self.path, "rb")
+        self._gap_handle.seek(h.pos)
+        while h.pos < target:
+            chunk = self._gap_handle.read(min(_CHUNK, target - h.pos))
+            if not chunk:
+                raise SdtuneError(f"{self.path}: file is shorter than its header says")
+            self.bytes_read += len(chunk)
+            h.update(chunk)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a fresh buffer the caller owns)."""
+        info = self.file.tensors[name]
+        start = self.file.data_offset + info.start
+        self._feed_until(start)
+        tensor = self.file.get_tensor(name)
+        self.bytes_read += info.end - info.start
+        h = self._hasher
+        if h is not None:
+            if h.pos == start:
+                h.update(tensor_bytes(tensor))
+            else:  # asked out of file order after all: hash by a separate pass at the end
+                self._hasher, self.extra_pass = None, True
+        return tensor
+
+    def finish(self) -> InputHashes:
+        """Hash the rest of the file and return its hashes (a second pass only if reads were out of order)."""
+        if self._hasher is None:
+            self.bytes_read += self.size
+            return InputHashes(file_sha256(self.path), legacy_hash(self.path), self.size)
+        self._feed_until(self.size)
+        return InputHashes(self._hasher.sha.hexdigest(), self._hasher.legacy.hexdigest()[:8], self.size)
+
+    def close(self) -> None:
+        self.file.close()
+        if self._gap_handle is not None:
+            self._gap_handle.close()
+            self._gap_handle = None
+
+
+class MemoryInput:
+    """An input loaded whole (.ckpt through torch.load(weights_only=True), or safetensors on request)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = path.stat().st_size
+        source = open_checkpoint(path)
+        self._tensors = {k: source[k] for k in source}
+        self.metadata: dict[str, str] = dict(source.metadata)
+        self.bytes_read = self.size
+        self.extra_pass = False
+
+    @property
+    def tensors(self) -> dict[str, tuple[Optional[torch.dtype], tuple[int, ...]]]:
+        return {k: (t.dtype, tuple(t.shape)) for k, t in self._tensors.items()}
+
+    def check_order(self, names: Sequence[str]) -> None:
+        """Nothing to do: the file was read whole."""
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def finish(self) -> InputHashes:
+        self.bytes_read += self.size
+        return InputHashes(file_sha256(self.path), legacy_hash(self.path), self.size)
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+MergeInput = StreamingInput | MemoryInput
+
+
+def open_input(path: str | os.PathLike, label: str, in_memory: bool = False) -> MergeInput:
+    """Open one merge input: streamed when it is safetensors (unless `in_memory`), else loaded whole."""
+    p = Path(path)
+    if not p.is_file():
+        raise SdtuneError(f"{label}: {p} does not exist (or is not a file)")
+    if p.suffix.lower() in SAFETENSORS_SUFFIXES and not in_memory:
+        return StreamingInput(p)
+    return MemoryInput(p)
+
+
+def strip_vae_prefix(keys: Mapping[str, tuple], a_keys: Mapping[str, tuple], prefix: str) -> dict[str, str]:
+    """Map A's `first_stage_model.*` keys to a VAE file's keys (bare `encoder.*` or already prefixed)."""
+    out = {}
+    for name in a_keys:
+        if not name.startswith(prefix):
+            continue
+        bare = name[len(prefix):]
+        if bare in keys:
+            out[name] = bare
+        elif name in keys:
+            out[name] = name
+    return out
