@@ -25,7 +25,7 @@ def test_help_lists_every_contract_command():
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("argv", [["train", "cfg.toml"], ["lora", "bake", "m.safetensors", "x.safetensors"],
+@pytest.mark.parametrize("argv", [["lora", "bake", "m.safetensors", "x.safetensors"],
                                   ["repair", "diagnose"]])
 def test_commands_not_built_yet_say_so_and_exit_2(argv):
     out = run(*argv)

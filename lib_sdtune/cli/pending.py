@@ -7,7 +7,6 @@ import sys
 
 # command -> (subcommands, one-line help, issue that builds it)
 PENDING: dict[str, tuple[tuple[str, ...], str, int]] = {
-    "train": ((), "train a LoRA/LyCORIS adapter from a kohya-style config", 5),
     "repair": (("te-override", "te-blend", "lora-te", "diagnose", "pick-epoch"),
                "over-fit diagnosis and repair (TE override/blend, LoRA TE surgery)", 7),
 }

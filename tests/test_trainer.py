@@ -1,0 +1,171 @@
+"""The trainer on the tiny real-layout models: runs for each family and algorithm, learns a toy task, writes
+files that load, resumes to the same result, and fails early and clearly on bad settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_sdtune.cli import main
+from lib_sdtune.errors import SdtuneError
+from lib_sdtune.models.loader import load_checkpoint
+from lib_sdtune.networks.kohya_file import load_lora
+from lib_sdtune.networks.lora_info import inspect_lora
+from lib_sdtune.train.config import TrainConfig, apply_overrides, config_from_dict, load_train_config
+from lib_sdtune.train.trainer import train
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def _dataset(root: Path, n: int = 4, colour=(200, 30, 30), caption: str = "sdtdemo, red square") -> Path:
+    """A kohya folder `root/train/2_sdtdemo` of n small solid images with captions."""
+    folder = root / "train" / "2_sdtdemo"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        im = Image.new("RGB", (64, 64), colour)
+        im.paste((255, 255, 255), (8 * i, 8, 8 * i + 16, 24))
+        im.save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(caption, encoding="utf-8")
+    return root / "train"
+
+
+def _config(ckpt: Path, data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(pretrained_model_name_or_path=str(ckpt), train_data_dir=str(data), output_dir=str(out),
+                output_name="tiny", resolution=64, train_batch_size=2, max_train_steps=4, seed=1,
+                learning_rate=1e-3, network_dim=4, network_alpha=2.0, max_data_loader_n_workers=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_sd1_lora_trains_saves_sd_scripts_files_and_reports_progress(tiny_fp32_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds")
+    seen = []
+    cfg = _config(tiny_fp32_checkpoints["sd1"], data, tmp_path / "out", save_every_n_epochs=1)
+    result = train(cfg, progress=lambda done, total, info: seen.append((done, total, info["epoch"])))
+    # 4 images x 2 repeats / batch 2 = 4 batches per epoch: 4 steps = 1 epoch
+    assert result.steps == 4 and result.epochs == 1 and len(result.losses) == 4
+    assert seen[-1] == (4, 4, 1) and all(torch.isfinite(torch.tensor(result.losses)))
+    final = tmp_path / "out" / "tiny.safetensors"
+    assert result.outputs == [final]  # the last epoch is saved once, as the final file
+    sd, meta = load_lora(final)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_steps"] == "4" and meta["ss_epoch"] == "1"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_seed"] == "1"
+    assert json.loads(meta["ss_tag_frequency"]) == {"2_sdtdemo": {"sdtdemo": 4, "red square": 4}}
+    assert json.loads(meta["sdtune_train_config"])["network_dim"] == 4
+    info = inspect_lora(final)
+    assert info.rank == 4 and info.te_modules == 72 and info.unet_modules == 192
+    assert any(float(t.abs().max()) > 0 for k, t in sd.items() if "lora_up" in k)  # it learned something
+    assert json.loads(result.config_path.read_text())["output_name"] == "tiny"
+
+
+@pytest.mark.parametrize("arch, network_args", [
+    ("sd2-v", []), ("sdxl", []), ("sd1", ["algo=loha", "conv_dim=2"]), ("sd1", ["algo=lokr"]),
+    ("sd1", ["algo=locon", "dora_wd=True"]), ("sd1", ["conv_dim=2", "rank_dropout=0.1", "module_dropout=0.1"]),
+])
+def test_each_family_and_algorithm_trains_a_few_steps(tiny_checkpoints, tmp_path, arch, network_args):
+    data = _dataset(tmp_path / "ds", n=2)
+    module = "lycoris.kohya" if any(a.startswith("algo=") for a in network_args) else "networks.lora"
+    cfg = _config(tiny_checkpoints[arch], data, tmp_path / "out", max_train_steps=2, network_module=module,
+                  network_args=network_args, resolution=64 if arch != "sdxl" else 64)
+    result = train(cfg)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    sd, meta = load_lora(result.outputs[-1])
+    assert meta["ss_network_module"] == module
+    if arch == "sdxl":
+        assert any(k.startswith("lora_te2_") for k in sd) and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    if arch == "sd2-v":
+        assert meta["modelspec.prediction_type"] == "v"
+
+
+def test_loss_falls_on_a_learnable_toy_task(tiny_fp32_checkpoints, tmp_path):
+    """Identical images and captions, half held out: the validation loss (fixed noise and timesteps) drops."""
+    data = _dataset(tmp_path / "ds", n=8)
+    cfg = _config(tiny_fp32_checkpoints["sd1"], data, tmp_path / "out", max_train_steps=None, max_train_epochs=6,
+                  validation_split=0.5, validation_seed=0, learning_rate=3e-3, network_dim=8, network_alpha=8.0,
+                  text_encoder_lr=0)
+    result = train(cfg)
+    first, last = result.validation_losses[0][1], result.validation_losses[-1][1]
+    assert len(result.validation_losses) == 6 and last < first * 0.9, result.validation_losses
+
+
+def test_resume_continues_to_the_same_result_as_an_unbroken_run(tiny_fp32_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds")
+    ckpt = tiny_fp32_checkpoints["sd1"]
+    whole = train(_config(ckpt, data, tmp_path / "a", max_train_steps=6, network_dropout=0.1))
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    broken = train(_config(ckpt, data, tmp_path / "b", max_train_steps=6, network_dropout=0.1),
+                   cancelled=stop_after_three)
+    assert broken.cancelled and broken.steps == 3 and not broken.outputs and broken.state_dir.exists()
+    resumed = train(_config(ckpt, data, tmp_path / "b", max_train_steps=6, network_dropout=0.1,
+                            resume=str(broken.state_dir)))
+    assert resumed.steps == 6
+    a, _ = load_lora(whole.outputs[-1])
+    b, _ = load_lora(resumed.outputs[-1])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SdtuneError, match="different training settings"):
+        train(_config(ckpt, data, tmp_path / "c", max_train_steps=6, learning_rate=5e-4,
+                      resume=str(broken.state_dir)))
+
+
+def test_nan_loss_stops_with_a_message_naming_the_step(tiny_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds", n=2)
+    with pytest.raises(SdtuneError, match="loss became nan at step 1"):
+        train(_config(tiny_checkpoints["sd1"], data, tmp_path / "out", noise_offset=float("nan")))
+    assert not (tmp_path / "out" / "tiny.safetensors").exists()
+
+
+def test_bad_settings_fail_before_training(tiny_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds", n=2)
+    with pytest.raises(SdtuneError, match="AdamW8bit"):
+        train(_config(tiny_checkpoints["sd1"], data, tmp_path / "out", optimizer_type="AdamW8bit"))
+    with pytest.raises(SdtuneError, match="unknown setting 'learning_rat'"):
+        config_from_dict({"learning_rat": 1e-4})
+    with pytest.raises(SdtuneError, match="network_dim"):
+        config_from_dict({"network_dim": "four"})
+    with pytest.raises(SdtuneError, match="safetensors only"):
+        _config(tiny_checkpoints["sd1"], data, tmp_path, save_model_as="ckpt").validate()
+    with pytest.raises(SdtuneError, match="train_data_dir"):
+        TrainConfig(pretrained_model_name_or_path="x.safetensors").validate()
+
+
+def test_toml_sections_flatten_gui_json_maps_and_overrides_apply(tmp_path):
+    (tmp_path / "c.toml").write_text('[model]\npretrained_model_name_or_path = "m.safetensors"\n'
+                                     '[network]\nnetwork_dim = 16\nnetwork_args = ["conv_dim=4"]\nxformers = true\n'
+                                     '[data]\ntrain_data_dir = "ds"\nresolution = "768,512"\n')
+    cfg, notes = load_train_config(tmp_path / "c.toml", ["max_train_epochs=3", "unet_lr=2e-4"])
+    assert cfg.network_dim == 16 and cfg.network_args == ["conv_dim=4"] and cfg.max_train_epochs == 3
+    assert cfg.unet_lr == 2e-4 and cfg.pretrained_model_name_or_path == str(tmp_path / "m.safetensors")
+    assert any("xformers" in n for n in notes)
+    (tmp_path / "g.json").write_text(json.dumps({
+        "LoRA_type": "LyCORIS/LoHa", "optimizer": "Lion", "epoch": 5, "network_dim": 8, "conv_dim": 4,
+        "pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "ds", "gui_theme": "dark"}))
+    gui, notes = load_train_config(tmp_path / "g.json")
+    assert gui.network_module == "lycoris.kohya" and gui.network_args[0] == "algo=loha"
+    assert "conv_dim=4" in gui.network_args and gui.optimizer_type == "Lion" and gui.max_train_epochs == 5
+    assert any("gui_theme" in n for n in notes)
+    with pytest.raises(SdtuneError, match="--set"):
+        apply_overrides(gui, ["nonsense=1"])
+
+
+def test_cli_train_writes_files_and_json(tiny_checkpoints, tmp_path, capsys):
+    data = _dataset(tmp_path / "ds", n=2)
+    (tmp_path / "t.toml").write_text(
+        f'pretrained_model_name_or_path = "{tiny_checkpoints["sd1"]}"\ntrain_data_dir = "{data}"\n'
+        f'output_dir = "{tmp_path / "out"}"\noutput_name = "cli"\nresolution = 64\nmax_train_steps = 2\n'
+        'max_data_loader_n_workers = 0\nseed = 3\n')
+    assert main(["train", str(tmp_path / "t.toml"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 2 and out["output"].endswith("cli.safetensors") and Path(out["output"]).exists()
+    assert load_checkpoint(tiny_checkpoints["sd1"]).arch.family == "sd1"
