@@ -85,7 +85,7 @@ def test_wd14(demo, tmp_path):
 def test_lint_and_fix(demo, tmp_path):
     report = ok_json("lint", demo.root, "--resolution", "64")
     assert report["counts"] == {"transparent": 1}
-    assert ok_json("lint", demo.root, "--resolution", "65")["counts"] == {"transparent": 1, "tiny": 8}
+    assert ok_json("lint", demo.root, "--resolution", "72")["counts"] == {"transparent": 1, "tiny": 8}
     out = tmp_path / "fixed"
     fixed = ok_json("lint", demo.root, "--resolution", "64", "--fix", "-o", out)
     assert fixed["output"] == str(out.resolve()) and len(fixed["flattened"]) == 1 and fixed["copied"] == 8

@@ -83,6 +83,14 @@ def test_same_layout_in_other_colours_is_not_a_duplicate():
     assert near_duplicate_groups(facts, 4) == []  # ...the colours do not
 
 
+def test_tiny_means_noticeable_upscaling_not_a_bucket_just_below_the_area(tmp_path):
+    for name, size in (("bucket.png", (896, 1152)), ("small.png", (640, 640))):
+        textured(len(name), size).save(tmp_path / name)
+    report = lint_dataset(LintConfig(tmp_path, resolution=1024))
+    assert [f.path.name for f in report.by_kind()["tiny"]] == ["small.png"]
+    assert "1.6x" in report.by_kind()["tiny"][0].detail
+
+
 def test_fix_into_a_new_folder_leaves_the_dataset_alone(tmp_path):
     root = make(tmp_path / "ds")
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}

@@ -1,9 +1,10 @@
 """Dataset lint: find what would hurt training, and fix it into a new folder or in place with a backup.
 
-Findings: unreadable images, transparent images, tiny images (fewer pixels than resolution^2, so the
-trainer upscales them), extreme aspect ratios, near-duplicates (dHash), images without captions, empty
-captions, captions that are not UTF-8, start with a BOM (kohya reads it into the first tag) or span
-several lines (kohya reads only the first), and captions without an image.
+Findings: unreadable images, transparent images, tiny images (the trainer must upscale them by more
+than 10% per side to reach resolution^2 pixels; bucket sizes just below that are fine), extreme aspect
+ratios, near-duplicates (dHash plus a colour thumbnail), images without captions, empty captions,
+captions that are not UTF-8, start with a BOM (kohya reads it into the first tag) or span several lines
+(kohya reads only the first), and captions without an image.
 
 Fixes never change the dataset silently: either everything is written to a new folder (`output`), or
 (`in_place`) every file changed or dropped is first moved to `<dataset>/.sdtune_backups/lint-<time>/`.
@@ -27,6 +28,7 @@ from .backup import BACKUP_DIR
 from .imagecheck import ImageFacts, flatten_on_white, inspect_image, near_duplicate_groups
 from .store import CaptionStore, LoadConfig, encode_caption, load_captions
 
+TINY_UPSCALE = 1.1  # an image needing more upscaling than this per side (to resolution^2 pixels) is tiny
 KINDS = ("unreadable", "transparent", "tiny", "aspect", "near_duplicate", "no_caption", "empty_caption",
          "caption_not_utf8", "caption_bom", "multiline_caption", "orphan_caption")
 
@@ -103,7 +105,7 @@ def lint_dataset(config: LintConfig, progress: Optional[Callable[[int, int, str]
             if progress is not None and (n % 64 == 0 or n == len(paths)):
                 progress(n, len(paths), f.path.name)
     found: list[Finding] = []
-    min_area = config.resolution * config.resolution
+    min_area = (config.resolution / TINY_UPSCALE) ** 2
     for it in store.items:
         f = facts[it.image]
         if f.error:
@@ -113,8 +115,9 @@ def lint_dataset(config: LintConfig, progress: Optional[Callable[[int, int, str]
             found.append(Finding("transparent", it.image, "has transparent pixels; trainers see them as black or "
                                                           "noise unless flattened on white"))
         if f.width * f.height < min_area:
-            found.append(Finding("tiny", it.image, f"{f.width}x{f.height} has fewer pixels than "
-                                                   f"{config.resolution}x{config.resolution}; it will be upscaled"))
+            scale = config.resolution / (f.width * f.height) ** 0.5
+            found.append(Finding("tiny", it.image, f"{f.width}x{f.height} will be upscaled {scale:.1f}x to reach "
+                                                   f"{config.resolution}x{config.resolution} pixels; expect blur"))
         aspect = max(f.width, f.height) / max(1, min(f.width, f.height))
         if aspect > config.max_aspect:
             found.append(Finding("aspect", it.image, f"{f.width}x{f.height} is {aspect:.1f}:1, beyond "
