@@ -92,3 +92,11 @@ def test_lint_and_fix(demo, tmp_path):
     assert ok_json("lint", out, "--resolution", "64")["counts"] == {}
     bad = run("lint", demo.root, "--fix")
     assert bad.returncode == 1 and "output folder" in bad.stderr
+
+
+def test_tag_modules_import_no_heavy_packages():
+    code = ("import sys, lib_sdtune.cli, lib_sdtune.tags.wd14, lib_sdtune.tags.lint, lib_sdtune.tags.history\n"
+            "print([m for m in ('onnxruntime', 'torch', 'huggingface_hub') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
