@@ -239,6 +239,7 @@ def test_sd1_and_sdxl_at_8gb_differ_sensibly(ds12):
     assert sd1.config["network_train_unet_only"] is False and "cache_text_encoder_outputs" not in sd1.config
     assert sd1.config["shuffle_caption"] is True
     assert "no_half_vae" not in sd1.config and "noise_offset" not in sd1.config
+    assert sd1.config["clip_skip"] == 2 and "clip_skip" not in xl.config  # tag captions on SD1: an anime base
     for p in (sd1, xl):
         assert p.config["optimizer_type"] == "AdamW8bit" and p.config["cache_latents"] is True
         assert all(v.reason and v.source for v in p.values if v.value is not None)
@@ -307,6 +308,9 @@ def test_model_family_comes_from_the_checkpoint(ds12, tiny_checkpoints):
     assert sd2v.model.architecture == "sd2-v" and sd2v.config["v2"] is True
     assert sd2v.config["v_parameterization"] is True and sd2v.config["resolution"] == "768,768"
     assert sd2v.config["pretrained_model_name_or_path"] == str(Path(tiny_checkpoints["sd2-v"]).resolve())
+    sd2 = plan(ds12, family="sd2")
+    assert sd2.config["v2"] is True and "v_parameterization" not in sd2.config
+    assert sd2.config["resolution"] == "512,512" and "clip_skip" not in sd2.config
     xl = plan(ds12, model_path=tiny_checkpoints["sdxl"], family="sd1")
     assert xl.model.family == "sdxl" and any(w.kind == "model" for w in xl.warnings)
     assert "v2" not in xl.config and "v_parameterization" not in xl.config

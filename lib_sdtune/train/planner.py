@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -101,7 +101,6 @@ class TrainingPlan:
     dataset_facts: DatasetFacts
     warnings: tuple[PlanWarning, ...] = ()
     repeats_advice: tuple[RepeatsAdvice, ...] = ()
-    notes: tuple[str, ...] = field(default=())
 
     def value(self, key: str) -> Any:
         """The planned value of one setting (None when the plan leaves it at sd-scripts' default)."""
@@ -145,7 +144,6 @@ class TrainingPlan:
             "warnings": [{"kind": w.kind, "message": w.message, "source": w.source} for w in self.warnings],
             "repeats_advice": [{"folder": a.folder, "current": a.current, "suggested": a.suggested}
                                for a in self.repeats_advice],
-            "notes": list(self.notes),
         }
 
     def to_text(self) -> str:
@@ -378,7 +376,7 @@ _CONFIG_ORDER = (
     "network_alpha", "network_args", "network_train_unet_only", "optimizer_type", "learning_rate", "unet_lr",
     "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "mixed_precision", "save_precision",
     "no_half_vae", "gradient_checkpointing", "cache_latents", "cache_text_encoder_outputs", "shuffle_caption",
-    "keep_tokens", "max_token_length", "flip_aug", "min_snr_gamma", "noise_offset", "seed",
+    "keep_tokens", "max_token_length", "clip_skip", "flip_aug", "min_snr_gamma", "noise_offset", "seed",
 )
 
 

@@ -19,7 +19,8 @@ SECTIONS = (
                                          "validation_seed", "validate_every_n_epochs")),
     ("Memory", ("mixed_precision", "no_half_vae", "gradient_checkpointing", "cache_latents",
                 "cache_text_encoder_outputs", "save_precision")),
-    ("Captions", ("caption_extension", "shuffle_caption", "keep_tokens", "max_token_length", "flip_aug")),
+    ("Captions", ("caption_extension", "shuffle_caption", "keep_tokens", "max_token_length", "clip_skip",
+                  "flip_aug")),
 )
 
 
