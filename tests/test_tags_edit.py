@@ -229,3 +229,14 @@ def test_undo_refuses_when_a_caption_changed_meanwhile(tmp_path):
         s.undo()
     assert (root / "10_a/1.txt").read_text("utf-8") == "edited by hand, much longer now"
     assert s.can_undo
+
+
+def test_restore_finds_the_caption_extension_from_the_backup(tmp_path):
+    from lib_sdtune.tags.store import LoadConfig
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "a.caption").write_text("x, y", encoding="utf-8")
+    EditSession(load_captions(tmp_path, LoadConfig(".caption"))).apply([RemoveTag("x")])
+    assert (tmp_path / "a.caption").read_text("utf-8") == "y"
+    restore_backup(tmp_path)
+    assert (tmp_path / "a.caption").read_text("utf-8") == "x, y"

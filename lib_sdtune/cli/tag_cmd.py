@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "--backup names one). The captions it replaces are backed up first.")
     _dataset(rs)
     rs.add_argument("--backup", type=Path, help="backup file to restore (default: the newest)")
+    rs.set_defaults(caption_ext=None)
     rs.add_argument("--list", action="store_true", help="list the backups instead")
     rs.set_defaults(func=run_restore)
 
@@ -203,7 +204,7 @@ def run_restore(args: argparse.Namespace) -> int:
         found = list_backups(args.dataset)
         emit({"backups": [str(p) for p in found]}, args.json, "\n".join(map(str, found)) or "no backups")
         return 0
-    r = restore_backup(args.dataset, args.backup, LoadConfig(args.caption_ext))
+    r = restore_backup(args.dataset, args.backup, LoadConfig(args.caption_ext) if args.caption_ext else None)
     emit({"restored": [str(p) for p in r.restored], "deleted": [str(p) for p in r.deleted],
           "output": str(r.backup) if r.backup else None}, args.json,
          f"restored {len(r.restored)} caption(s), deleted {len(r.deleted)}; the replaced ones are in {r.backup}")

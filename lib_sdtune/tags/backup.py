@@ -109,7 +109,9 @@ def restore_backup(dataset: str | os.PathLike, backup: str | os.PathLike | None 
         target = (dataset / rel).resolve()
         if dataset.resolve() not in target.parents:
             raise SdtuneError(f"{backup}: entry {rel!r} points outside the dataset; refusing to restore it")
-    store = load_captions(dataset, config or LoadConfig())
+    if config is None:  # the extension the backed-up captions have
+        config = LoadConfig(Path(next(iter(wanted))).suffix if wanted else ".txt")
+    store = load_captions(dataset, config)
     by_caption = {store.rel(it.caption_path): i for i, it in enumerate(store.items)}
     missing = [rel for rel in wanted if rel not in by_caption]
     if missing:
