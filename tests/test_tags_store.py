@@ -98,3 +98,11 @@ def test_trigger_word_candidates_on_the_demo_dataset(tmp_path):
     assert stats.on_every_image[:1] == ["sdtdemo"] or "sdtdemo" in stats.on_every_image
     assert list(stats.ss_tag_frequency) == ["10_sdtdemo shape"]
     assert stats.ss_tag_frequency["10_sdtdemo shape"]["sdtdemo"] == 4
+
+
+def test_symlinked_folders_are_followed_once_without_looping(tmp_path):
+    image(tmp_path / "real" / "a.png").with_suffix(".txt").write_text("x", encoding="utf-8")
+    (tmp_path / "real" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
+    store = load_captions(tmp_path)
+    assert [it.image.name for it in store.items] == ["a.png"]

@@ -161,8 +161,12 @@ def read_item(folder: Path, image_name: str, caption_name: str, exists: bool) ->
     return item
 
 
-def _walk(folder: Path, recursive: bool, out: list[tuple[Path, list[str]]]) -> None:
-    """Collect (folder, file names) for every non-hidden folder."""
+def _walk(folder: Path, recursive: bool, out: list[tuple[Path, list[str]]], seen: set[tuple[int, int]]) -> None:
+    """Collect (folder, file names) for every non-hidden folder; symlinked folders are followed once."""
+    st = os.stat(folder)
+    if (st.st_dev, st.st_ino) in seen:
+        return
+    seen.add((st.st_dev, st.st_ino))
     names, subdirs = [], []
     with os.scandir(folder) as it:
         for entry in it:
@@ -175,7 +179,7 @@ def _walk(folder: Path, recursive: bool, out: list[tuple[Path, list[str]]]) -> N
     out.append((folder, names))
     if recursive:
         for name in sorted(subdirs):
-            _walk(folder / name, recursive, out)
+            _walk(folder / name, recursive, out, seen)
 
 
 def load_captions(root: str | os.PathLike, config: LoadConfig | None = None) -> CaptionStore:
@@ -186,7 +190,7 @@ def load_captions(root: str | os.PathLike, config: LoadConfig | None = None) -> 
     if not root.is_dir():
         raise SdtuneError(f"{root}: not a folder. Give the dataset folder that holds the images and captions.")
     listing: list[tuple[Path, list[str]]] = []
-    _walk(root, config.recursive, listing)
+    _walk(root, config.recursive, listing, set())
     ext = config.caption_extension
     items: list[CaptionItem] = []
     orphans: list[Path] = []
