@@ -240,3 +240,20 @@ def test_restore_finds_the_caption_extension_from_the_backup(tmp_path):
     assert (tmp_path / "a.caption").read_text("utf-8") == "y"
     restore_backup(tmp_path)
     assert (tmp_path / "a.caption").read_text("utf-8") == "x, y"
+
+
+def test_undo_history_is_bounded_in_bytes(tmp_path, monkeypatch):
+    from lib_sdtune.tags import history
+
+    root = make(tmp_path)
+    monkeypatch.setattr(history, "UNDO_BYTES", 300)
+    s = EditSession.open(root)
+    for k in range(5):
+        s.apply([AddTag(f"tag{k}")])
+    undo, _ = s.history()
+    assert 1 <= len(undo) < 5
+    while s.can_undo:
+        s.undo()
+    assert caps(root)["10_a/1.png"].startswith("tag")  # only the kept steps could be undone
+    restore_backup(root)
+    assert caps(root) == {k: v for k, v in CAPTIONS.items()}  # the backup still has the originals

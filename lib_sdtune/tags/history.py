@@ -18,7 +18,8 @@ from .backup import CaptionBackup
 from .ops import TagOp, apply_ops, select
 from .store import CaptionStore, LoadConfig, encode_caption, load_captions
 
-UNDO_LIMIT = 100
+UNDO_LIMIT = 100  # steps
+UNDO_BYTES = 64 << 20  # caption bytes kept for undo/redo; the oldest steps go first (a host runs for days)
 
 
 @dataclass
@@ -28,6 +29,11 @@ class Step:
     label: str
     before: dict[int, bytes | None]
     after: dict[int, bytes | None]
+
+    @property
+    def size(self) -> int:
+        """Bytes this step holds."""
+        return sum(len(d) for side in (self.before, self.after) for d in side.values() if d is not None)
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,10 @@ class EditSession:
         backup_path = self._backup(step.before)
         self.store.write_bytes(step.after)
         self._undo.append(step)
-        del self._undo[:-self.undo_limit]
         self._redo.clear()
+        del self._undo[:-self.undo_limit]
+        while len(self._undo) > 1 and sum(st.size for st in self._undo) > UNDO_BYTES:
+            del self._undo[0]
         return backup_path
 
     def _backup(self, before: dict[int, bytes | None]) -> Path | None:
