@@ -7,7 +7,9 @@ exact bytes back; a caption another program changed meanwhile stops the step bef
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,17 @@ class EditResult:
                 "dry_run": self.dry_run, "skipped_unreadable": [str(p) for p in self.skipped_unreadable]}
 
 
+def _locked(method):
+    """Run a session method under the session's lock (a UI may send two requests at once)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class EditSession:
     """Batch edits of one dataset with undo/redo; the first write saves a backup of what it changes."""
 
@@ -63,6 +76,7 @@ class EditSession:
         self.undo_limit = undo_limit
         self._undo: list[Step] = []
         self._redo: list[Step] = []
+        self._lock = threading.RLock()
 
     @classmethod
     def open(cls, dataset: str | os.PathLike, config: LoadConfig | None = None, backup: bool = True) -> EditSession:
@@ -79,6 +93,7 @@ class EditSession:
         """True when there is an undone step to redo."""
         return bool(self._redo)
 
+    @_locked
     def apply(self, ops: Sequence[TagOp], where: str | None = None, indices: Sequence[int] | None = None,
               dry_run: bool = False, label: str = "") -> EditResult:
         """Run ops over the selection (an expression and/or item indices) and write the changed captions."""
@@ -96,6 +111,7 @@ class EditSession:
         return EditResult(len(chosen), [self.store.items[i].caption for i in after], backup,
                           time.perf_counter() - t0, False, skipped)
 
+    @_locked
     def write_tags(self, new_tags: dict[int, list[str]], label: str) -> EditResult:
         """Write given tag lists as one undoable step (used by the tagger)."""
         t0 = time.perf_counter()
@@ -125,12 +141,14 @@ class EditSession:
         items = self.store.items
         return self.backup.add({self.store.rel(items[i].caption_path): data for i, data in before.items()})
 
+    @_locked
     def undo(self) -> EditResult:
         """Write back the captions as they were before the last step."""
         if not self._undo:
             raise SdtuneError("nothing to undo in this editing session")
         return self._move(self._undo, self._redo, "before")
 
+    @_locked
     def redo(self) -> EditResult:
         """Write again the last undone step."""
         if not self._redo:
