@@ -280,91 +280,115 @@ def plan_training(dataset_path: str | os.PathLike, model_path: Optional[str | os
                    bool(facts.first_tag and facts.first_tag in facts.shared_tags), facts.long_captions,
                    facts.caption_extension)
 
-    chosen: dict[str, Any] = {}
-    values: dict[str, PlanValue] = {}
+    d = _Decisions(pf)
+    _decide_settings(d, optimizer, warnings)
+    _decide_files(d, root, is_config, reg, model, facts, output_dir, output_name)
+    data_keys, _ = split_train_args(_config(d.values))
+    scans = _scan(root, is_config, reg, data_keys)
+    if is_config and any(s.config.batch_size != d.chosen["train_batch_size"] for s in scans):
+        warnings.append(PlanWarning("dataset_config", f"{root} sets its own batch_size "
+                                    f"({', '.join(str(s.config.batch_size) for s in scans)}); it wins over the "
+                                    f"planned {d.chosen['train_batch_size']}"))
+    steps, advice = _decide_duration(d, scans, warnings)
+    res = tuple(int(x) for x in str(d.chosen["resolution"]).split(","))
+    warnings += dataset_warnings(scans, facts, (res[0], res[-1]))
+    warnings += _device_warnings(pf, model)
+    values = {k: v for k, v in d.values.items() if k not in _INTERNAL}
+    return TrainingPlan(root, model, method, float(vram_gb), tuple(values.values()), _config(values), steps, facts,
+                        tuple(warnings), advice)
 
-    def put(key: str, value: Any, reason: str, source: str, when: str = "") -> None:
-        chosen[key] = value
-        values[key] = PlanValue(key, value, reason, source, when)
 
-    def rule(key: str) -> None:
-        value, row = decide(key, pf, chosen)
-        put(key, value, row.reason, row.source, row.when)
+class _Decisions:
+    """The values decided so far for one plan (rules read earlier choices), each with its reason."""
 
+    def __init__(self, facts: PlanFacts):
+        self.facts = facts
+        self.chosen: dict[str, Any] = {}
+        self.values: dict[str, PlanValue] = {}
+
+    def put(self, key: str, value: Any, reason: str, source: str, when: str = "") -> None:
+        """Set one value with its reason and source."""
+        self.chosen[key] = value
+        self.values[key] = PlanValue(key, value, reason, source, when)
+
+    def rule(self, key: str) -> None:
+        """Set one value from the rules table."""
+        value, row = decide(key, self.facts, self.chosen)
+        self.put(key, value, row.reason, row.source, row.when)
+
+
+def _decide_settings(d: _Decisions, optimizer: Optional[str], warnings: list[PlanWarning]) -> None:
+    """Every rule-table setting that does not depend on the epoch count, in table order."""
     keys = keys_in_order()
-    head = keys[:keys.index("total_samples")]
-    for key in head:
+    for key in keys[:keys.index("total_samples")]:
         if key == "optimizer_type" and optimizer:
-            put(key, optimizer, "your choice; the LRs below follow its family", "--optimizer")
-            if not pf.cuda and "8bit" in optimizer.lower():
+            d.put(key, optimizer, "your choice; the LRs below follow its family", "--optimizer")
+            if not d.facts.cuda and "8bit" in optimizer.lower():
                 warnings.append(PlanWarning("optimizer", f"{optimizer} needs a CUDA GPU (bitsandbytes); on the CPU "
                                             "use AdamW", "research §3.2"))
             continue
-        rule(key)
-        if key == "train_batch_size_cap" and chosen[key] is not None:
-            put("train_batch_size", chosen[key], values[key].reason, values[key].source, values[key].when)
-    if values["network_train_unet_only"].value:
-        values.pop("text_encoder_lr")
-        chosen["text_encoder_lr"] = None
-    if chosen.get("validation_split"):
-        put("validation_seed", chosen["seed"], "the same images are held out on every run", "research §3.6")
-    put("output_dir", str(Path(output_dir).expanduser().resolve()) if output_dir else str(root.parent / "output"),
-        "where the LoRA files go", "sdtune")
-    put("output_name", output_name or _output_name(root, facts), "the file name (the trigger word when there is one)",
-        "sdtune")
-    if model.path is not None:
-        put("pretrained_model_name_or_path", str(model.path), f"the base model ({model.architecture})", "--model")
-    if model.family == "sd2":
-        put("v2", True, "an SD2 model (OpenCLIP text encoder)", "research §3.4")
-    if model.v_pred:
-        put("v_parameterization", True, "the model predicts v, not noise", "research §3.4")
-    if is_config:
-        put("dataset_config", str(root), "your dataset_config (its own values win over the ones here)", "research §2.2")
-    else:
-        put("train_data_dir", str(root), "the parent of the '<repeats>_<name>' folders", "research §2.1")
-    if reg is not None:
-        put("reg_data_dir", str(reg), "regularisation images, balanced to the training samples", "research §2.1")
+        d.rule(key)
+        if key == "train_batch_size_cap" and d.chosen[key] is not None:
+            cap = d.values[key]
+            d.put("train_batch_size", cap.value, cap.reason, cap.source, cap.when)
+    if d.chosen["network_train_unet_only"]:
+        d.values.pop("text_encoder_lr")
+        d.chosen["text_encoder_lr"] = None
+    if d.chosen.get("validation_split"):
+        d.put("validation_seed", d.chosen["seed"], "the same images are held out on every run", "research §3.6")
 
-    config = _config(values)
-    data_keys, _ = split_train_args(config)
-    scans = _scan(root, is_config, reg, data_keys)
-    if is_config and any(s.config.batch_size != chosen["train_batch_size"] for s in scans):
-        warnings.append(PlanWarning("dataset_config", f"{root} sets its own batch_size "
-                                    f"({', '.join(str(s.config.batch_size) for s in scans)}); it wins over the "
-                                    f"planned {chosen['train_batch_size']}"))
+
+def _decide_files(d: _Decisions, root: Path, is_config: bool, reg: Optional[Path], model: ModelFacts,
+                  facts: DatasetFacts, output_dir: Optional[str | os.PathLike], output_name: Optional[str]) -> None:
+    """The model, the data and the output: paths, and the model's flags (v2, v_parameterization)."""
+    d.put("output_dir", str(Path(output_dir).expanduser().resolve()) if output_dir else str(root.parent / "output"),
+          "where the LoRA files go", "sdtune")
+    d.put("output_name", output_name or _output_name(root, facts),
+          "the file name (the trigger word when there is one)", "sdtune")
+    if model.path is not None:
+        d.put("pretrained_model_name_or_path", str(model.path), f"the base model ({model.architecture})", "--model")
+    if model.family == "sd2":
+        d.put("v2", True, "an SD2 model (OpenCLIP text encoder)", "research §3.4")
+    if model.v_pred:
+        d.put("v_parameterization", True, "the model predicts v, not noise", "research §3.4")
+    if is_config:
+        d.put("dataset_config", str(root), "your dataset_config (its own values win over the ones here)",
+              "research §2.2")
+    else:
+        d.put("train_data_dir", str(root), "the parent of the '<repeats>_<name>' folders", "research §2.1")
+    if reg is not None:
+        d.put("reg_data_dir", str(reg), "regularisation images, balanced to the training samples", "research §2.1")
+
+
+def _decide_duration(d: _Decisions, scans: Sequence[DatasetScan], warnings: list[PlanWarning]
+                     ) -> tuple[StepsMath, tuple[RepeatsAdvice, ...]]:
+    """Epochs from the target samples and the real samples per epoch, then saving, validation and warm-up."""
+    keys = keys_in_order()
     for key in keys[keys.index("total_samples"):keys.index("save_every_n_epochs")]:
-        rule(key)
-    steps, raw = _steps(scans, chosen["total_samples"], chosen["max_epochs"])
-    put("max_train_epochs", steps.epochs,
-        f"{steps.target_samples} target samples / {steps.train_samples_per_epoch} training samples per epoch = "
-        f"{raw:.1f}" + (f", capped at {chosen['max_epochs']}" if round(raw) > chosen["max_epochs"] else ""),
-        values["total_samples"].source)
-    chosen["max_train_epochs"] = steps.epochs
+        d.rule(key)
+    c = d.chosen
+    steps, raw = _steps(scans, c["total_samples"], c["max_epochs"])
+    d.put("max_train_epochs", steps.epochs,
+          f"{steps.target_samples} target samples / {steps.train_samples_per_epoch} training samples per epoch = "
+          f"{raw:.1f}" + (f", capped at {c['max_epochs']}" if round(raw) > c["max_epochs"] else ""),
+          d.values["total_samples"].source)
     advice: tuple[RepeatsAdvice, ...] = ()
-    if round(raw) > chosen["max_epochs"] or raw < chosen["target_epochs"] / 2:
-        advice = _repeats_advice(scans, raw / chosen["target_epochs"])
+    if round(raw) > c["max_epochs"] or raw < c["target_epochs"] / 2:
+        advice = _repeats_advice(scans, raw / c["target_epochs"])
         if advice:
             change = "; ".join(f"{Path(a.folder).name}: {a.current} -> {a.suggested}" for a in advice)
-            why = "too few" if round(raw) > chosen["max_epochs"] else "too many"
+            why = "too few" if round(raw) > c["max_epochs"] else "too many"
             warnings.append(PlanWarning("repeats", f"the folders' repeats give {why} samples per epoch for about "
-                                        f"{chosen['target_epochs']} epochs; rename them for repeats {change} "
+                                        f"{c['target_epochs']} epochs; rename them for repeats {change} "
                                         "(then plan again)", "seed 001 (0-20 epochs); research §2.6"))
-    rule("save_every_n_epochs")
-    if chosen.get("validation_split"):
-        put("validate_every_n_epochs", chosen["save_every_n_epochs"], "check the validation loss at every save",
-            "research §3.6")
-    warmup = round(chosen["lr_warmup_ratio"] * steps.total_steps)
-    put("lr_warmup_steps", warmup or None, f"{chosen['lr_warmup_ratio']:.0%} of {steps.total_steps} steps"
-        if warmup else "", values["lr_warmup_ratio"].source)
-    for key in _INTERNAL:
-        values.pop(key, None)
-
-    res = tuple(int(x) for x in str(chosen["resolution"]).split(","))
-    warnings += dataset_warnings(scans, facts, (res[0], res[-1]))
-    warnings += _device_warnings(pf, model)
-    plan_values = tuple(v for v in values.values())
-    return TrainingPlan(root, model, method, float(vram_gb), plan_values, _config(values), steps, facts,
-                        tuple(warnings), advice)
+    d.rule("save_every_n_epochs")
+    if c.get("validation_split"):
+        d.put("validate_every_n_epochs", c["save_every_n_epochs"], "check the validation loss at every save",
+              "research §3.6")
+    warmup = round(c["lr_warmup_ratio"] * steps.total_steps)
+    d.put("lr_warmup_steps", warmup or None, f"{c['lr_warmup_ratio']:.0%} of {steps.total_steps} steps"
+          if warmup else "", d.values["lr_warmup_ratio"].source)
+    return steps, advice
 
 
 # the order keys appear in the config file
