@@ -20,6 +20,7 @@ from ..errors import SdtuneError
 from ..io.detect import VAE_PREFIX, ArchInfo, detect_architecture
 from ..io.safetensors_io import SafetensorsWriter, build_header, st_dtype_name
 from .blocks import resolve_blocks
+from .buffers import BufferPool
 from .config import OUTPUT_DTYPES, MergeConfig, validate_config
 from .methods import MergeMethod, get_method
 from .pipeline import run_pipeline
@@ -89,15 +90,22 @@ def _check_architectures(infos: Sequence[ArchInfo], paths: Sequence[str]) -> str
     return first.family
 
 
-def _compute(plan: KeyPlan, tensors: list[torch.Tensor], method: MergeMethod, seed: int) -> torch.Tensor:
+Computed = tuple[torch.Tensor, Optional[bytearray]]  # a result and the pooled buffer behind it, if any
+
+
+def _compute(plan: KeyPlan, tensors: list[torch.Tensor], method: MergeMethod, seed: int,
+             pool: Optional[BufferPool] = None) -> Computed:
     """The output tensor of one key from its input tensors (A first)."""
     if plan.action == "reset_ids":
-        return torch.arange(plan.shape[-1], dtype=torch.int64).expand(plan.shape).contiguous()
+        return torch.arange(plan.shape[-1], dtype=torch.int64).expand(plan.shape).contiguous(), None
     a = tensors[0]
     if plan.action in ("copy", "vae"):
-        return a if plan.out_dtype is None or a.dtype == plan.out_dtype else a.to(plan.out_dtype)
+        if plan.out_dtype is None or a.dtype == plan.out_dtype:
+            return a, None
+        out, buf = (pool or BufferPool(keep_bytes=0)).empty(plan.shape, plan.out_dtype)
+        return out.copy_(a), buf
     if plan.channels is None and method.elementwise and a.numel() > CHUNK:
-        return _compute_chunked(plan, tensors, method, seed)
+        return _compute_chunked(plan, tensors, method, seed, pool or BufferPool(keep_bytes=0))
     floats = [t.float() for t in tensors]
     if plan.channels is None:
         out = method.apply(floats, plan.alpha, plan.beta, seed, plan.name)
@@ -105,19 +113,20 @@ def _compute(plan: KeyPlan, tensors: list[torch.Tensor], method: MergeMethod, se
         out = floats[0].clone()
         head = [floats[0][:, :plan.channels], *floats[1:]]
         out[:, :plan.channels] = method.apply(head, plan.alpha, plan.beta, seed, plan.name)
-    return out.to(plan.out_dtype)
+    return out.to(plan.out_dtype), None
 
 
-def _compute_chunked(plan: KeyPlan, tensors: list[torch.Tensor], method: MergeMethod, seed: int) -> torch.Tensor:
+def _compute_chunked(plan: KeyPlan, tensors: list[torch.Tensor], method: MergeMethod, seed: int,
+                     pool: BufferPool) -> Computed:
     """An elementwise method over CHUNK entries at a time: the float32 temporaries stay small and in cache,
     and the result is the same bits as the whole-tensor computation."""
-    out = torch.empty(plan.shape, dtype=plan.out_dtype)
+    out, buf = pool.empty(plan.shape, plan.out_dtype)  # type: ignore[arg-type]
     flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
     for i in range(0, flat_out.numel(), CHUNK):
         part = [f[i:i + CHUNK].float() for f in flats]
         flat_out[i:i + CHUNK].copy_(method.apply(part, plan.alpha, plan.beta, seed, plan.name))
-    return out
+    return out, buf
 
 
 def _sources_of(plan: KeyPlan, n_inputs: int) -> list[int]:
@@ -204,18 +213,25 @@ def _merge(config: MergeConfig, progress: Optional[Progress], cancelled: Optiona
                                    metas, variant)
         total = len(plans)
 
-        def fetch(plan: KeyPlan) -> list[torch.Tensor]:
-            return [vae.get(vae_map[plan.name]) if i == -1 else inputs[i].get(plan.name)  # type: ignore[union-attr,index]
-                    for i in _sources_of(plan, len(inputs))]
+        pool = BufferPool()
+
+        def fetch(plan: KeyPlan) -> list[tuple[torch.Tensor, Optional[bytearray]]]:
+            return [vae.get(vae_map[plan.name], pool) if i == -1  # type: ignore[union-attr,index]
+                    else inputs[i].get(plan.name, pool) for i in _sources_of(plan, len(inputs))]
+
+        def compute(plan: KeyPlan, fetched: list[tuple[torch.Tensor, Optional[bytearray]]]) -> Computed:
+            return _compute(plan, [t for t, _ in fetched], method, config.seed, pool)
+
+        def recycle(plan: KeyPlan, fetched: list, computed: Computed) -> None:
+            pool.release([b for _, b in fetched] + [computed[1]])
 
         def on_done(n: int, plan: KeyPlan) -> None:
             if progress is not None:
                 progress(n, total, plan.name)
 
         with _RecipeWriter(config.output, specs, reserved) as writer:
-            run_pipeline(plans, fetch, lambda p, ts: _compute(p, ts, method, config.seed),
-                         lambda p, t: writer.write(p.name, t), cancelled=cancelled, on_done=on_done,
-                         threaded=threaded)
+            run_pipeline(plans, fetch, compute, lambda p, c: writer.write(p.name, c[0]), cancelled=cancelled,
+                         on_done=on_done, after_write=recycle, threaded=threaded)
             hashes = [inp.finish() for inp in inputs]
             for i, (role, inp, h) in enumerate(zip(ROLES, inputs, hashes)):
                 expected = config.expected_inputs[i] if config.expected_inputs is not None else None

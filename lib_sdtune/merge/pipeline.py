@@ -44,13 +44,20 @@ def _get(q: queue.Queue, stop: threading.Event) -> object:
 
 def run_pipeline(items: Iterable[T], fetch: Callable[[T], object], compute: Callable[[T, object], object],
                  write: Callable[[T, object], None], *, cancelled: Optional[Callable[[], bool]] = None,
-                 on_done: Optional[Callable[[int, T], None]] = None, depth: int = 2, threaded: bool = True) -> None:
-    """fetch(item) in a reader thread, compute(item, fetched) here, write(item, computed) in a writer thread."""
+                 on_done: Optional[Callable[[int, T], None]] = None,
+                 after_write: Optional[Callable[[T, object, object], None]] = None,
+                 depth: int = 2, threaded: bool = True) -> None:
+    """fetch(item) in a reader thread, compute(item, fetched) here, write(item, computed) in a writer thread,
+    then after_write(item, fetched, computed) (to recycle buffers) once the item is on disk."""
     if not threaded:
         for n, item in enumerate(items, 1):
             if cancelled is not None and cancelled():
                 raise MergeCancelled("merge cancelled; nothing was written")
-            write(item, compute(item, fetch(item)))
+            fetched = fetch(item)
+            value = compute(item, fetched)
+            write(item, value)
+            if after_write is not None:
+                after_write(item, fetched, value)
             if on_done is not None:
                 on_done(n, item)
         return
@@ -76,8 +83,11 @@ def run_pipeline(items: Iterable[T], fetch: Callable[[T], object], compute: Call
                 got = _get(write_q, stop)
                 if got is _DONE:
                     return
-                item, value = got  # type: ignore[misc]
+                item, fetched, value = got  # type: ignore[misc]
                 write(item, value)
+                if after_write is not None:
+                    after_write(item, fetched, value)
+                del fetched, value
         except BaseException as e:
             errors.append(e)
             stop.set()
@@ -97,10 +107,9 @@ def run_pipeline(items: Iterable[T], fetch: Callable[[T], object], compute: Call
                 raise MergeCancelled("merge cancelled; nothing was written")
             item, fetched = got  # type: ignore[misc]
             value = compute(item, fetched)
-            del fetched
-            if not _put(write_q, (item, value), stop):
+            if not _put(write_q, (item, fetched, value), stop):
                 break
-            del value
+            del fetched, value
             n += 1
             if on_done is not None:
                 on_done(n, item)

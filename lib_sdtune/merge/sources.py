@@ -19,7 +19,8 @@ import torch
 from ..errors import SdtuneError
 from ..io.checkpoint import SAFETENSORS_SUFFIXES, open_checkpoint
 from ..io.hashes import LEGACY_OFFSET, LEGACY_SIZE, file_sha256, legacy_hash
-from ..io.safetensors_io import SafetensorsFile, tensor_bytes
+from ..io.safetensors_io import SafetensorsFile
+from .buffers import BufferPool
 
 _CHUNK = 8 << 20
 
@@ -51,7 +52,7 @@ class _Hasher:
 
 
 class StreamingInput:
-    """A safetensors input read one tensor at a time through SafetensorsFile, hashed in passing."""
+    """A safetensors input (header parsed by SafetensorsFile) read one tensor at a time, hashed in passing."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -62,7 +63,7 @@ class StreamingInput:
         self.tensors: dict[str, tuple[Optional[torch.dtype], tuple[int, ...]]] = {
             k: (self.file.dtype(k), i.shape) for k, i in items}  # key -> (dtype, shape), in file order
         self._hasher: Optional[_Hasher] = _Hasher()
-        self._gap_handle = None
+        self._fh = None
         self.extra_pass = False
 
     @property
@@ -76,35 +77,50 @@ class StreamingInput:
             self._hasher = None
             self.extra_pass = True
 
+    def _handle(self):
+        if self._fh is None:
+            self._fh = open(self.path, "rb", buffering=0)
+        return self._fh
+
     def _feed_until(self, target: int) -> None:
         """Read and hash the bytes from the hash position up to absolute offset `target`."""
         h = self._hasher
         if h is None or h.pos >= target:
             return
-        if self._gap_handle is None:
-            self._gap_handle = open(self.path, "rb")
-        self._gap_handle.seek(h.pos)
+        fh = self._handle()
+        fh.seek(h.pos)
         while h.pos < target:
-            chunk = self._gap_handle.read(min(_CHUNK, target - h.pos))
+            chunk = fh.read(min(_CHUNK, target - h.pos))
             if not chunk:
                 raise SdtuneError(f"{self.path}: file is shorter than its header says")
             self.bytes_read += len(chunk)
             h.update(chunk)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a fresh buffer the caller owns)."""
+    def get(self, name: str, pool: Optional[BufferPool] = None) -> tuple[torch.Tensor, Optional[bytearray]]:
+        """Load one tensor with a plain read into a pooled buffer (no mmap); returns it and its buffer."""
         info = self.file.tensors[name]
-        start = self.file.data_offset + info.start
+        dtype = self.file.dtype(name)
+        if dtype is None:
+            raise SdtuneError(f"{self.path}: tensor {name!r} has dtype {info.dtype}, which this torch cannot hold")
+        start, n = self.file.data_offset + info.start, info.end - info.start
         self._feed_until(start)
-        tensor = self.file.get_tensor(name)
-        self.bytes_read += info.end - info.start
-        h = self._hasher
-        if h is not None:
-            if h.pos == start:
-                h.update(tensor_bytes(tensor))
-            else:  # asked out of file order after all: hash by a separate pass at the end
-                self._hasher, self.extra_pass = None, True
-        return tensor
+        tensor, buf = (pool or BufferPool(keep_bytes=0)).empty(info.shape, dtype)
+        if buf is not None:
+            if n != tensor.numel() * dtype.itemsize:
+                raise SdtuneError(f"{self.path}: tensor {name!r} has {n} bytes for shape {list(info.shape)}")
+            view = memoryview(buf)[:n]
+            fh = self._handle()
+            fh.seek(start)
+            if fh.readinto(view) != n:
+                raise SdtuneError(f"{self.path}: file is truncated inside tensor {name!r}")
+            self.bytes_read += n
+            h = self._hasher
+            if h is not None:
+                if h.pos == start:
+                    h.update(view)
+                else:  # asked out of file order after all: hash by a separate pass at the end
+                    self._hasher, self.extra_pass = None, True
+        return tensor, buf
 
     def finish(self) -> InputHashes:
         """Hash the rest of the file and return its hashes (a second pass only if reads were out of order)."""
@@ -116,9 +132,9 @@ class StreamingInput:
 
     def close(self) -> None:
         self.file.close()
-        if self._gap_handle is not None:
-            self._gap_handle.close()
-            self._gap_handle = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 class MemoryInput:
@@ -140,8 +156,8 @@ class MemoryInput:
     def check_order(self, names: Sequence[str]) -> None:
         """Nothing to do: the file was read whole."""
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+    def get(self, name: str, pool: Optional[BufferPool] = None) -> tuple[torch.Tensor, Optional[bytearray]]:
+        return self._tensors[name], None
 
     def finish(self) -> InputHashes:
         self.bytes_read += self.size
