@@ -47,7 +47,7 @@ def test_edit_in_order_with_where_then_restore(demo):
     before = captions(demo.root)
     info = ok_json("edit", demo.root, "--remove", "sdtdemo", "--add", "mytrig", "--replace", "shape=thing",
                    "--where", "sdtdemo OR shape")
-    assert info["changed"] == 8 and Path(info["backup"]).is_file()
+    assert info["changed"] == 8 and (Path(info["backup"]) / "sdtune_backup.json").is_file()
     after = captions(demo.root)
     assert all(c.startswith("mytrig, ") for c in after.values())
     assert not any("sdtdemo" in c.split(", ") or "shape" in c.split(", ") for c in after.values())

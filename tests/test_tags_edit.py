@@ -9,7 +9,7 @@ from PIL import Image
 
 from lib_sdtune.errors import SdtuneError
 from lib_sdtune.tags import atomic_batch
-from lib_sdtune.tags.backup import BACKUP_DIR, list_backups, restore_backup
+from lib_sdtune.tags.backup import BACKUP_DIR, MANIFEST, list_backups, read_backup, restore_backup
 from lib_sdtune.tags.history import EditConfig, EditSession, edit_captions
 from lib_sdtune.tags.ops import (
     AddTag,
@@ -101,7 +101,8 @@ def test_undo_redo_restore_exact_bytes_including_bom_and_created_files(tmp_path)
     s.undo()
     assert caps(root)["10_a/2.png"] == "trig, alice, short_hair"
     s.undo()
-    assert {p: p.read_bytes() for p in root.rglob("*.txt")} == original  # 4.txt deleted again, BOM back
+    now = {p: p.read_bytes() for p in root.rglob("*.txt") if BACKUP_DIR not in p.parts}
+    assert now == original  # 4.txt deleted again, BOM back
     assert not s.can_undo and s.can_redo
     s.redo()
     s.redo()
@@ -122,9 +123,12 @@ def test_first_write_makes_one_backup_holding_the_originals(tmp_path):
     s.apply([AddTag("x")])
     backups = list_backups(root)
     assert len(backups) == 1 and backups[0].parent == root / BACKUP_DIR
-    files = json.loads(backups[0].read_text("utf-8"))["files"]
-    assert files == {"10_a/3.txt": original["10_a/3.png"], "10_a/1.txt": original["10_a/1.png"],
-                     "10_a/2.txt": original["10_a/2.png"], "5_b/4.txt": None}
+    assert read_backup(backups[0]) == {"10_a/3.txt": original["10_a/3.png"].encode(), "5_b/4.txt": None,
+                                       "10_a/1.txt": original["10_a/1.png"].encode(),
+                                       "10_a/2.txt": original["10_a/2.png"].encode()}
+    kept = backups[0] / "10_a" / "1.txt"
+    assert kept.read_text("utf-8") == original["10_a/1.png"]
+    assert kept.stat().st_nlink == 1  # the original file itself (a hard link), now only in the backup
     result = restore_backup(root)
     assert caps(root) == original and [p.name for p in result.deleted] == ["4.txt"]
     assert result.backup is not None and len(list_backups(root)) == 2  # restore saved what it replaced
@@ -143,7 +147,7 @@ def test_dry_run_and_one_shot_edit(tmp_path):
     r = edit_captions(EditConfig(root, (AddTag("trig"),), where="alice", dry_run=True))
     assert r.dry_run and len(r.changed) == 2 and caps(root) == before
     r = edit_captions(EditConfig(root, (AddTag("trig"),), where="alice"))
-    assert caps(root)["10_a/1.png"].startswith("trig, ") and r.backup.exists()
+    assert caps(root)["10_a/1.png"].startswith("trig, ") and (r.backup / MANIFEST).is_file()
 
 
 def test_unreadable_captions_are_skipped_not_rewritten(tmp_path):
@@ -205,14 +209,29 @@ def test_bad_ops_are_refused(tmp_path):
         run(tmp_path)
 
 
+def test_a_backup_is_a_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    root = make(tmp_path)
+    original = caps(root)
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    r = run(root, AddTag("trig"))
+    assert (r.backup / "10_a" / "1.txt").read_text("utf-8") == original["10_a/1.png"]
+    restore_backup(root)
+    assert caps(root) == original
+
+
 def test_restore_refuses_entries_outside_the_dataset(tmp_path):
     root = make(tmp_path / "ds")
     s = EditSession.open(root)
     s.apply([AddTag("trig")])
     backup = list_backups(root)[0]
-    doc = json.loads(backup.read_text("utf-8"))
-    doc["files"]["../evil.txt"] = "x"
-    backup.write_text(json.dumps(doc), encoding="utf-8")
+    doc = json.loads((backup / MANIFEST).read_text("utf-8"))
+    (backup / "evil.txt").write_text("x")
+    doc["absent"].append("../evil.txt")
+    (backup / MANIFEST).write_text(json.dumps(doc), encoding="utf-8")
     with pytest.raises(SdtuneError, match="outside the dataset"):
         restore_backup(root, backup)
     assert not (tmp_path / "evil.txt").exists()

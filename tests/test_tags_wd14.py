@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from lib_sdtune.errors import SdtuneError  # noqa: E402
-from lib_sdtune.tags.backup import list_backups  # noqa: E402
+from lib_sdtune.tags.backup import list_backups, read_backup  # noqa: E402
 from lib_sdtune.tags.wd14 import (  # noqa: E402
     Wd14Config,
     mcut_threshold,
@@ -149,7 +149,7 @@ def test_whole_pipeline_tags_red_and_blue_images(tmp_path, model_dir):
     assert "broken" not in caps and [p.name for p, _ in result.errors] == ["broken.png"]
     assert seen[-1] == (4, 4) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert len(result.written) == 3 and result.backup in list_backups(root)
-    assert json.loads(result.backup.read_text("utf-8"))["files"]["10_x/blue.txt"] == "existing, blue_theme"
+    assert read_backup(result.backup)["10_x/blue.txt"] == b"existing, blue_theme"
     assert json.dumps(result.to_dict())
 
 

@@ -40,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "edit", help="batch edit captions (atomic, backed up)",
         description="Batch edit the captions of the images matching --where (all by default). Operations run in "
                     "the order given. The captions changed are first saved to DATASET/.sdtune_backups/"
-                    "captions-<time>.json; `tag restore` puts them back. Expressions: blue hair AND NOT (hat OR "
-                    "\"cap (headwear)\"), with OR, NOT, parentheses, quotes and * wildcards.")
+                    "captions-<time>/ (hard links, no copying); `tag restore` puts them back. Expressions: "
+                    "blue hair AND NOT (hat OR \"cap (headwear)\"), with OR, NOT, parentheses, quotes and * "
+                    "wildcards.")
     _dataset(ed)
     ops = [("--add", "add", "T", "add tag T at the front (a trigger word; moved there if present)"),
            ("--append", "append", "T", "add tag T at the end (unless present)"),
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Restore the captions saved in DATASET/.sdtune_backups (the newest backup unless "
                                      "--backup names one). The captions it replaces are backed up first.")
     _dataset(rs)
-    rs.add_argument("--backup", type=Path, help="backup file to restore (default: the newest)")
+    rs.add_argument("--backup", type=Path, help="backup folder to restore (default: the newest)")
     rs.set_defaults(caption_ext=None)
     rs.add_argument("--list", action="store_true", help="list the backups instead")
     rs.set_defaults(func=run_restore)

@@ -1,21 +1,21 @@
-"""Caption backups: the original captions an editing session changes, in one JSON file under the dataset.
+"""Caption backups: the original captions an editing session changes, in one folder under the dataset.
 
-Layout: `<dataset>/.sdtune_backups/captions-<UTC time>.json`::
+Layout::
 
-    {"format": "sdtune caption backup 1", "dataset": "...",
-     "files": {"10_name/0001.txt": "original text", "10_name/0002.txt": null, ...},
-     "bytes_base64": {"10_name/0003.txt": "..."}}
+    <dataset>/.sdtune_backups/captions-<UTC time>/
+        sdtune_backup.json          {"format", "dataset", "files": [...], "absent": [...]}
+        10_name/0001.txt            the caption as it was before the session, at its dataset path
 
-`files` maps each changed caption (path relative to the dataset) to its text before the session; `null`
-means it did not exist (restoring deletes it); captions that are not UTF-8 are kept as base64. One JSON
-file, not a zip of small files: writing 10,000 zip members alone takes longer than the edit. The first
-write of a session creates it; later writes add the captions they change for the first time (rewritten
-atomically), so it always holds the state before the session. `restore_backup` puts it back.
+`absent` lists captions that did not exist (restoring deletes them). The originals are hard links to the
+caption files being replaced (a copy where the file system has no hard links): no bytes are copied, and
+the atomic rename that installs the new caption then drops one link instead of freeing a file, which is
+what makes a 10,000-caption edit fast on ext4 (freeing 10,000 small files costs seconds). The first
+write of a session creates the folder; later writes add the captions they change for the first time, so
+it always holds the state before the session. `restore_backup` puts it back; `tag restore` on the CLI.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -24,10 +24,11 @@ from pathlib import Path
 
 from ..errors import SdtuneError
 from ..io.atomic import atomic_write
-from .store import LoadConfig, load_captions
+from .store import LoadConfig, check_unchanged, load_captions
 
 BACKUP_DIR = ".sdtune_backups"
-FORMAT = "sdtune caption backup 1"
+MANIFEST = "sdtune_backup.json"
+FORMAT = "sdtune caption backup 2"
 
 
 def _stamp() -> str:
@@ -35,46 +36,97 @@ def _stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
+def _keep(src: str, dst: str, data: bytes) -> None:
+    """Save an original: a hard link to the file (its bytes were checked against `data`), else a copy."""
+    try:
+        os.link(src, dst)
+        return
+    except OSError:
+        pass
+    with open(dst, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 @dataclass
 class CaptionBackup:
-    """The originals of every caption changed so far in one session, and the zip that holds them."""
+    """The originals of every caption changed so far in one session, and the folder that holds them."""
 
     dataset: Path
     prefix: str = "captions"
     path: Path | None = None
-    originals: dict[str, bytes | None] = field(default_factory=dict)  # relative path -> bytes (None: absent)
+    saved: dict[str, bool] = field(default_factory=dict)  # relative path -> existed before (False: absent)
 
-    def add(self, originals: dict[str, bytes | None]) -> Path | None:
-        """Record captions not yet backed up and rewrite the zip if any were new; returns the zip path."""
-        new = {k: v for k, v in originals.items() if k not in self.originals}
+    def add(self, originals: dict[str, bytes | None], sources: dict[str, str] | None = None) -> Path | None:
+        """Keep the captions (relative path -> current bytes, None: absent) not yet kept; returns the folder.
+
+        Call it after checking the files still hold those bytes and before replacing them. `sources` may
+        give each file's path (else it is the dataset joined with the relative path).
+        """
+        new = {k: v for k, v in originals.items() if k not in self.saved}
         if not new:
             return self.path
-        self.originals.update(new)
         if self.path is None:
-            folder = self.dataset / BACKUP_DIR
-            folder.mkdir(parents=True, exist_ok=True)
+            parent = self.dataset / BACKUP_DIR
+            parent.mkdir(parents=True, exist_ok=True)
             base, n = f"{self.prefix}-{_stamp()}", 1
-            self.path = folder / f"{base}.json"
-            while self.path.exists():
-                n += 1
-                self.path = folder / f"{base}-{n}.json"
-        texts: dict[str, str | None] = {}
-        binary: dict[str, str] = {}
-        for rel, data in sorted(self.originals.items()):
-            try:
-                texts[rel] = None if data is None else data.decode("utf-8")
-            except UnicodeDecodeError:
-                binary[rel] = base64.b64encode(data).decode("ascii")
-        doc = {"format": FORMAT, "dataset": str(self.dataset), "files": texts, "bytes_base64": binary}
-        with atomic_write(self.path, "w", encoding="utf-8") as fh:
+            while True:
+                self.path = parent / (base if n == 1 else f"{base}-{n}")
+                try:
+                    self.path.mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
+        root, folder = os.fspath(self.dataset), os.fspath(self.path)
+        made: set[str] = set()
+        for rel, data in new.items():
+            self.saved[rel] = data is not None
+            if data is None:
+                continue
+            native = rel.replace("/", os.sep)
+            dst = folder + os.sep + native
+            sub = os.path.dirname(dst)
+            if sub not in made:
+                os.makedirs(sub, exist_ok=True)
+                made.add(sub)
+            _keep(sources[rel] if sources else root + os.sep + native, dst, data)
+        doc = {"format": FORMAT, "dataset": str(self.dataset), "created": self.path.name.split("-", 1)[-1],
+               "files": sorted(k for k, v in self.saved.items() if v),
+               "absent": sorted(k for k, v in self.saved.items() if not v)}
+        with atomic_write(self.path / MANIFEST, "w", encoding="utf-8") as fh:
             json.dump(doc, fh, ensure_ascii=False, indent=0)
         return self.path
 
 
 def list_backups(dataset: str | os.PathLike) -> list[Path]:
-    """Caption backup files of a dataset, oldest first."""
+    """Caption backup folders of a dataset (those with a manifest), oldest first."""
     folder = Path(dataset) / BACKUP_DIR
-    return sorted(folder.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name)) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: ((p / MANIFEST).stat().st_mtime_ns, p.name))
+
+
+def read_backup(backup: str | os.PathLike) -> dict[str, bytes | None]:
+    """The captions a backup folder holds: relative path -> bytes, None for captions that did not exist."""
+    backup = Path(backup)
+    if backup.name == MANIFEST:
+        backup = backup.parent
+    try:
+        doc = json.loads((backup / MANIFEST).read_text(encoding="utf-8"))
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r}")
+        wanted: dict[str, bytes | None] = {}
+        for rel in doc["files"]:
+            src = (backup / rel).resolve()
+            if backup.resolve() not in src.parents:
+                raise ValueError(f"entry {rel!r} points outside the backup")
+            wanted[rel] = src.read_bytes()
+        wanted.update({rel: None for rel in doc.get("absent", [])})
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise SdtuneError(f"{backup}: not a readable sdtune caption backup ({e})") from e
+    return wanted
 
 
 @dataclass(frozen=True)
@@ -95,16 +147,7 @@ def restore_backup(dataset: str | os.PathLike, backup: str | os.PathLike | None 
         if not found:
             raise SdtuneError(f"{dataset}: no caption backup in {dataset / BACKUP_DIR}")
         backup = found[-1]
-    backup = Path(backup)
-    try:
-        doc = json.loads(backup.read_text(encoding="utf-8"))
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r}")
-        wanted: dict[str, bytes | None] = {
-            rel: None if text is None else text.encode("utf-8") for rel, text in doc["files"].items()}
-        wanted.update({rel: base64.b64decode(b) for rel, b in doc.get("bytes_base64", {}).items()})
-    except (OSError, KeyError, ValueError, AttributeError) as e:
-        raise SdtuneError(f"{backup}: not a readable sdtune caption backup ({e})") from e
+    wanted = read_backup(backup)
     for rel in wanted:
         target = (dataset / rel).resolve()
         if dataset.resolve() not in target.parents:
@@ -118,6 +161,8 @@ def restore_backup(dataset: str | os.PathLike, backup: str | os.PathLike | None 
         raise SdtuneError(f"{backup}: {len(missing)} caption(s) belong to images that are gone or to another "
                           f"caption extension (first: {missing[0]}); restore with the matching extension")
     changes = {by_caption[rel]: data for rel, data in wanted.items() if store.items[by_caption[rel]].raw != data}
+    for i in changes:
+        check_unchanged(store.items[i])
     saved = CaptionBackup(dataset, prefix="before-restore")
     saved.add({store.rel(store.items[i].caption_path): store.items[i].raw for i in changes})
     store.write_bytes(changes)

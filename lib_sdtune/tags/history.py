@@ -18,7 +18,7 @@ from typing import Sequence
 from ..errors import SdtuneError
 from .backup import CaptionBackup
 from .ops import TagOp, apply_ops, select
-from .store import CaptionStore, LoadConfig, encode_caption, load_captions
+from .store import CaptionStore, LoadConfig, check_unchanged, encode_caption, load_captions
 
 UNDO_LIMIT = 100  # steps
 UNDO_BYTES = 64 << 20  # caption bytes kept for undo/redo; the oldest steps go first (a host runs for days)
@@ -125,8 +125,10 @@ class EditSession:
         step.before = {i: items[i].raw for i in step.after}
         if not step.after:
             return self.backup.path if self.backup else None
+        for i in step.after:  # before the backup links the files: they must still hold what was loaded
+            check_unchanged(items[i])
         backup_path = self._backup(step.before)
-        self.store.write_bytes(step.after)
+        self.store.write_bytes(step.after, checked=True)
         self._undo.append(step)
         self._redo.clear()
         del self._undo[:-self.undo_limit]
@@ -138,8 +140,9 @@ class EditSession:
         """Save originals of captions this session has not changed yet."""
         if self.backup is None:
             return None
-        items = self.store.items
-        return self.backup.add({self.store.rel(items[i].caption_path): data for i, data in before.items()})
+        items, rel = self.store.items, self.store.rel
+        paths = {rel(items[i].caption_path): items[i].caption_path for i in before}
+        return self.backup.add({rel(items[i].caption_path): data for i, data in before.items()}, paths)
 
     @_locked
     def undo(self) -> EditResult:
@@ -159,8 +162,10 @@ class EditSession:
         t0 = time.perf_counter()
         step = source[-1]
         data = getattr(step, side)
+        for i in data:
+            check_unchanged(self.store.items[i])
         backup_path = self._backup({i: self.store.items[i].raw for i in data})
-        self.store.write_bytes(data)
+        self.store.write_bytes(data, checked=True)
         target.append(source.pop())
         return EditResult(len(data), [self.store.items[i].caption for i in data], backup_path,
                           time.perf_counter() - t0)

@@ -50,6 +50,12 @@ class CaptionItem:
     error: str | None = None  # why the caption could not be read; its tags are then empty
     bom: bool = False
     multiline: bool = False
+    caption_path: str = ""  # the caption file as a string (what bulk writes use); filled in from folder + name
+
+    def __post_init__(self) -> None:
+        """Join the caption path once (bulk operations use it several times per item)."""
+        if not self.caption_path:
+            self.caption_path = os.path.join(self.folder, self.caption_name)
 
     @property
     def image(self) -> Path:
@@ -60,11 +66,6 @@ class CaptionItem:
     def caption(self) -> Path:
         """The caption file (it may not exist)."""
         return self.folder / self.caption_name
-
-    @property
-    def caption_path(self) -> str:
-        """The caption file as a string (cheap: what bulk writes use)."""
-        return os.path.join(self.folder, self.caption_name)
 
     @property
     def has_caption(self) -> bool:
@@ -98,12 +99,16 @@ class CaptionStore:
         """Write the tag lists of items by index (None deletes the caption file); atomic, conflict-checked."""
         self.write_bytes({i: None if t is None else encode_caption(t) for i, t in new_tags.items()})
 
-    def write_bytes(self, changes: Mapping[int, bytes | None]) -> None:
-        """Write caption bytes of items by index (None deletes the file), all or nothing if any changed on disk."""
+    def write_bytes(self, changes: Mapping[int, bytes | None], checked: bool = False) -> None:
+        """Write caption bytes of items by index (None deletes the file), all or nothing if any changed on disk.
+
+        `checked`: the caller has just run `check_unchanged` on every item itself.
+        """
         files: dict[str, bytes | None] = {}
         for i, data in changes.items():
             item = self.items[i]
-            check_unchanged(item)
+            if not checked:
+                check_unchanged(item)
             files[item.caption_path] = data
         stamps = write_many(files)
         for i, data in changes.items():
@@ -143,7 +148,8 @@ def read_item(folder: Path, image_name: str, caption_name: str, exists: bool) ->
     """Read one image's caption (if present) into an item."""
     if not exists:
         return CaptionItem(folder, image_name, caption_name, [], None)
-    fd = os.open(os.path.join(folder, caption_name), os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    path = os.path.join(folder, caption_name)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         st = os.fstat(fd)
         chunks = [os.read(fd, max(st.st_size, 1) + 1)]
@@ -152,7 +158,7 @@ def read_item(folder: Path, image_name: str, caption_name: str, exists: bool) ->
     finally:
         os.close(fd)
     data = b"".join(chunks)
-    item = CaptionItem(folder, image_name, caption_name, [], data, (st.st_mtime_ns, st.st_size))
+    item = CaptionItem(folder, image_name, caption_name, [], data, (st.st_mtime_ns, st.st_size), caption_path=path)
     try:
         item.tags, item.bom, item.multiline = decode_caption(data)
     except UnicodeDecodeError as e:
