@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -35,26 +37,74 @@ class InputHashes:
 
 
 class _Hasher:
-    """sha256 and A1111's legacy hash of a file, fed with consecutive byte ranges."""
+    """sha256 and A1111's legacy hash of a file, fed with consecutive byte ranges.
 
-    def __init__(self) -> None:
+    With `threaded`, the hashing runs in a thread of its own (bounded queue), so reading the next
+    tensor does not wait for the hash of the last one; `on_done` is called once a range is hashed.
+    """
+
+    def __init__(self, threaded: bool = False) -> None:
         self.sha = hashlib.sha256()
         self.legacy = hashlib.sha256()
-        self.pos = 0
+        self.pos = 0  # bytes handed over so far (hashed or queued)
+        self._error: Optional[BaseException] = None
+        self._queue: Optional[queue.Queue] = queue.Queue(maxsize=8) if threaded else None
+        self._thread: Optional[threading.Thread] = None
+        if self._queue is not None:
+            self._thread = threading.Thread(target=self._run, name="sdtune-merge-hash", daemon=True)
+            self._thread.start()
 
-    def update(self, data: memoryview | bytes) -> None:
-        n = len(data)
-        lo, hi = max(LEGACY_OFFSET, self.pos), min(LEGACY_OFFSET + LEGACY_SIZE, self.pos + n)
+    def _consume(self, start: int, data: memoryview | bytes) -> None:
+        lo, hi = max(LEGACY_OFFSET, start), min(LEGACY_OFFSET + LEGACY_SIZE, start + len(data))
         if lo < hi:
-            self.legacy.update(data[lo - self.pos:hi - self.pos])
+            self.legacy.update(data[lo - start:hi - start])
         self.sha.update(data)
-        self.pos += n
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()  # type: ignore[union-attr]
+            if item is None:
+                return
+            start, data, on_done = item
+            try:
+                if self._error is None:
+                    self._consume(start, data)
+            except BaseException as e:  # reported by result()
+                self._error = e
+            finally:
+                if on_done is not None:
+                    on_done()
+
+    def update(self, data: memoryview | bytes, on_done: Optional[Callable[[], None]] = None) -> None:
+        start, self.pos = self.pos, self.pos + len(data)
+        if self._queue is None:
+            self._consume(start, data)
+            if on_done is not None:
+                on_done()
+        else:
+            self._queue.put((start, data, on_done))
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)  # type: ignore[union-attr]
+            self._thread.join()
+            self._thread = None
+
+    def result(self) -> tuple[str, str]:
+        """(sha256 hex, A1111 legacy hash) of everything fed."""
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return self.sha.hexdigest(), self.legacy.hexdigest()[:8]
+
+    def close(self) -> None:
+        self._stop()
 
 
 class StreamingInput:
     """A safetensors input (header parsed by SafetensorsFile) read one tensor at a time, hashed in passing."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threaded_hash: bool = True):
         self.path = path
         self.file = SafetensorsFile(path)
         self.size = path.stat().st_size
@@ -62,7 +112,7 @@ class StreamingInput:
         items = sorted(self.file.tensors.items(), key=lambda kv: kv[1].start)
         self.tensors: dict[str, tuple[Optional[torch.dtype], tuple[int, ...]]] = {
             k: (self.file.dtype(k), i.shape) for k, i in items}  # key -> (dtype, shape), in file order
-        self._hasher: Optional[_Hasher] = _Hasher()
+        self._hasher: Optional[_Hasher] = _Hasher(threaded_hash)
         self._fh = None
         self.extra_pass = False
 
@@ -74,8 +124,13 @@ class StreamingInput:
         """Fall back to a separate hashing pass if `names` will not be requested in file order."""
         offsets = [self.file.tensors[n].start for n in names]
         if any(b < a for a, b in zip(offsets, offsets[1:])):
-            self._hasher = None
-            self.extra_pass = True
+            self._drop_hasher()
+
+    def _drop_hasher(self) -> None:
+        """Hash by a separate pass at the end instead."""
+        if self._hasher is not None:
+            self._hasher.close()
+        self._hasher, self.extra_pass = None, True
 
     def _handle(self):
         if self._fh is None:
@@ -116,10 +171,13 @@ class StreamingInput:
             self.bytes_read += n
             h = self._hasher
             if h is not None:
-                if h.pos == start:
-                    h.update(view)
+                if h.pos == start and pool is not None:
+                    pool.hold(buf)  # the hash thread gives it back when done
+                    h.update(view, on_done=lambda: pool.release([buf]))
+                elif h.pos == start:
+                    h.update(bytes(view))
                 else:  # asked out of file order after all: hash by a separate pass at the end
-                    self._hasher, self.extra_pass = None, True
+                    self._drop_hasher()
         return tensor, buf
 
     def finish(self) -> InputHashes:
@@ -128,9 +186,12 @@ class StreamingInput:
             self.bytes_read += self.size
             return InputHashes(file_sha256(self.path), legacy_hash(self.path), self.size)
         self._feed_until(self.size)
-        return InputHashes(self._hasher.sha.hexdigest(), self._hasher.legacy.hexdigest()[:8], self.size)
+        sha, legacy = self._hasher.result()
+        return InputHashes(sha, legacy, self.size)
 
     def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.close()
         self.file.close()
         if self._fh is not None:
             self._fh.close()
@@ -140,7 +201,7 @@ class StreamingInput:
 class MemoryInput:
     """An input loaded whole (.ckpt through torch.load(weights_only=True), or safetensors on request)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threaded_hash: bool = True):
         self.path = path
         self.size = path.stat().st_size
         source = open_checkpoint(path)
