@@ -74,7 +74,7 @@ def test_errors_are_one_paragraph_naming_the_file_and_exit_1(tmp_path):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_demo_builds_and_loads_the_tiny_model(tmp_path):
+def test_demo_builds_loads_plans_and_trains_the_tiny_model(tmp_path):
     out = run("demo", "--out", tmp_path / "demo", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -82,3 +82,8 @@ def test_demo_builds_and_loads_the_tiny_model(tmp_path):
     (model,) = result["models"]
     assert model["architecture"] == "sd1" and model["missing_keys"] == [] and model["unexpected_keys"] == []
     assert (tmp_path / "demo" / "dataset" / "train").is_dir()
+    assert (tmp_path / "demo" / "plan.toml").is_file()
+    trained = result["train"]
+    assert trained["steps"] == 90 and len(trained["losses"]) == 90  # 24 samples / batch 4 x 3 epochs
+    assert [Path(p).name for p in trained["outputs"]] == ["sdtdemo.safetensors"]
+    assert "kept in float32" not in out.stderr

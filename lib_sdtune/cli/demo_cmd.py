@@ -1,12 +1,15 @@
 """`demo`: the end-to-end demo on the built-in tiny model and generated dataset.
 
-Today it writes a tiny real-layout checkpoint and a kohya-style dataset, then loads the model
-and reports what it is; each feature that lands adds its step here.
+Writes a tiny real-layout checkpoint and a kohya-style dataset, loads the model and reports it, then
+plans a LoRA run for the dataset (the planner's TOML, written as a user would get it), trains it on the
+CPU with the resolution and epochs shrunk so it takes about a minute, and reports the loss curve and
+the LoRA file written.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 
@@ -18,8 +21,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="sdtune_demo", help="folder for the demo files (default: ./sdtune_demo)")
     p.add_argument("--arch", default="sd1", choices=("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "all"),
                    help="which tiny architecture to build (default sd1)")
+    p.add_argument("--no-train", action="store_true", help="stop after building and loading the model")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run_demo)
+
+
+# what the demo changes in the planned config so a CPU finishes in about a minute (tiny 64 px images)
+DEMO_OVERRIDES = ("resolution=64", "min_bucket_reso=64", "max_bucket_reso=128", "max_train_epochs=3",
+                  "train_batch_size=4")
+
+
+def _plan_and_train(dataset_dir: Path, model: Path, out: Path, lines: list[str], result: dict) -> bool:
+    """Plan (as `plan` does), train the plan on the CPU with DEMO_OVERRIDES, report; False if it failed."""
+    from ..networks.lora_info import inspect_lora
+    from ..train.config import load_train_config
+    from ..train.planner import plan_training
+    from ..train.trainer import train
+
+    plan = plan_training(dataset_dir, model, vram_gb=0, output_dir=out / "output")
+    plan_path = plan.write(out / "plan.toml")
+    lines.append(f"plan:    {plan.steps.epochs} epochs / {plan.steps.total_steps} steps planned for "
+                 f"{plan.dataset_facts.n_images} images; config written to {plan_path}")
+    cfg, notes = load_train_config(plan_path, DEMO_OVERRIDES)
+    lines.append(f"train:   the plan as written, with {', '.join(DEMO_OVERRIDES)} so the CPU finishes quickly")
+    started = time.time()
+    run = train(cfg, device="cpu", notes=notes)
+    seconds = time.time() - started
+    losses = run.losses
+    per_epoch = max(1, len(losses) // max(1, run.epochs))
+    means = [sum(losses[i:i + per_epoch]) / len(losses[i:i + per_epoch]) for i in range(0, len(losses), per_epoch)]
+    lora = inspect_lora(run.outputs[-1])
+    lines.append(f"         {run.steps} steps in {seconds:.0f} s; mean loss per epoch: "
+                 + ", ".join(f"{m:.4f}" for m in means))
+    lines.append(f"lora:    {run.outputs[-1]}: {lora.algorithm}, rank {lora.rank}, {lora.te_modules} TE + "
+                 f"{lora.unet_modules} U-Net modules, base {lora.base_model_version}")
+    result.update({"plan": str(plan_path), "train": {"steps": run.steps, "seconds": round(seconds, 1),
+                                                      "losses": losses, "outputs": [str(p) for p in run.outputs]}})
+    return bool(run.outputs)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -47,5 +85,12 @@ def run_demo(args: argparse.Namespace) -> int:
             + f"; loaded in {info.load_seconds:.1f} s with {len(info.missing_keys)} missing / "
             f"{len(info.unexpected_keys)} unexpected keys; AutoV2 {info.hashes['autov2']}")
     result["clean_load"] = clean
+    if clean and not args.no_train:
+        first = "sd1" if args.arch == "all" else args.arch
+        if first == "sdxl-refiner":
+            lines.append("train:   skipped (LoRAs are trained on the SDXL base, not the refiner)")
+        else:
+            model = models_dir / f"sdtune-tiny-{first}.safetensors"
+            clean = _plan_and_train(dataset.train_dir, model, out, lines, result)
     emit(result, args.json, "\n".join(lines))
     return 0 if clean else 1

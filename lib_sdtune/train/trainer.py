@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
         want = prec.vae_dtype if name == "vae" else prec.weight_dtype
         m.to(dev)
         if next(m.parameters()).dtype != want:
-            m.to(dtype=want)
+            _cast_quietly(m, want)
         m.eval()
     text = _text_encoders(family, [mods[n] for n in te_names])
 
@@ -314,6 +314,18 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
             write_state(f"{cfg.output_name}-state", result.epochs + 1, 0, step)
     network.remove()
     return result
+
+
+def _cast_quietly(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast a loaded module (diffusers warns about `to(dtype)` on models it did not load itself)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        module.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _text_encoders(family: str, encoders: list) -> TextEncoders:
