@@ -4,7 +4,8 @@ Goals (issue #8): load + statistics of 10,000 captions < 1 s; a batch edit of 10
 Baselines: a naive loop reading every caption (`Path.read_text`, split, Counter), and a naive edit loop
 rewriting each caption in place (`Path.write_text`: not atomic, no fsync -- the file-system floor that
 taggui-style tools pay). With --atomic-write-baseline also a per-file loop over the house `atomic_write`
-(fsync per file; minutes for 10,000). Variants run interleaved, best of --repeat, warm page cache.
+(fsync per file; minutes for 10,000). Variants run interleaved, best of --repeat, warm page cache, each
+after an `os.sync()` so none pays for flushing the previous one's writes.
 Usage:
     python bench/tags.py [--captions 10000] [--repeat 3] [--atomic-write-baseline]
 """
@@ -83,6 +84,9 @@ def sdtune_edit(root: Path, tag: str, add: bool, apply_times: list[float] | None
 
 
 def timed(fn, *args) -> float:
+    """Seconds of one call, after flushing earlier writes (so no variant pays for the previous one's)."""
+    if hasattr(os, "sync"):
+        os.sync()
     t0 = time.perf_counter()
     fn(*args)
     return time.perf_counter() - t0

@@ -106,3 +106,10 @@ def test_symlinked_folders_are_followed_once_without_looping(tmp_path):
     (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
     store = load_captions(tmp_path)
     assert [it.image.name for it in store.items] == ["a.png"]
+
+
+def test_ss_tag_frequency_lower_cases_like_sd_scripts(tmp_path):
+    image(tmp_path / "5_x" / "a.png").with_suffix(".txt").write_text("Blue Hair, blue hair, Smile", encoding="utf-8")
+    image(tmp_path / "5_x" / "b.png").with_suffix(".txt").write_text("BLUE HAIR", encoding="utf-8")
+    stats = compute_stats(load_captions(tmp_path))
+    assert stats.ss_tag_frequency == {"5_x": {"blue hair": 3, "smile": 1}}

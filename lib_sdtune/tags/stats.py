@@ -44,6 +44,15 @@ class TagStats:
         }
 
 
+def _lowered(counts: Counter) -> dict[str, int]:
+    """Merge counts of tags that differ only in case under the lower-case name (as sd-scripts counts them)."""
+    out: dict[str, int] = {}
+    for tag, n in counts.items():
+        low = tag.lower()
+        out[low] = out.get(low, 0) + n
+    return out
+
+
 def compute_stats(store: CaptionStore) -> TagStats:
     """Statistics of a loaded store; `on_every_image` is over the captioned images (trigger-word candidates).
 
@@ -71,7 +80,7 @@ def compute_stats(store: CaptionStore) -> TagStats:
             folder = ss.get(it.image.parent.name)
             if folder is None:
                 folder = ss[it.image.parent.name] = Counter()
-            folder.update(t.lower() for t in tags)
+            folder.update(tags)  # lower-cased once per folder below, not once per occurrence
             every = unique if every is None else every & unique
     per_image = {"min": min(counts, default=0), "max": max(counts, default=0),
                  "mean": round(statistics.fmean(counts), 3) if counts else 0.0,
@@ -79,7 +88,7 @@ def compute_stats(store: CaptionStore) -> TagStats:
     ranked = sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))
     return TagStats(
         root=store.root, images=len(store.items), captioned=sum(1 for it in store.items if it.raw is not None),
-        frequency=ranked, ss_tag_frequency={k: dict(v) for k, v in ss.items()}, tags_per_image=per_image,
+        frequency=ranked, ss_tag_frequency={k: _lowered(v) for k, v in ss.items()}, tags_per_image=per_image,
         without_caption=without, empty_captions=empty, unreadable_captions=unreadable,
         on_every_image=sorted(every or ()),
         orphan_captions=list(store.orphan_captions), load_seconds=store.load_seconds,
