@@ -56,6 +56,9 @@ def test_edit_in_order_with_where_then_restore(demo):
     assert dry["dry_run"] and dry["changed"] == 8 and captions(demo.root) == after
     restored = ok_json("restore", demo.root)
     assert len(restored["restored"]) == 8 and captions(demo.root) == before
+    assert len(ok_json("restore", demo.root, "--list")["backups"]) == 2  # the edit's and the restore's
+    assert len(ok_json("restore", demo.root, "--prune", "1")["deleted"]) == 1
+    assert len(ok_json("restore", demo.root, "--list")["backups"]) == 1
 
 
 def test_edit_errors_are_one_paragraph(demo):

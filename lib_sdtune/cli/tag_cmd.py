@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rs.add_argument("--backup", type=Path, help="backup folder to restore (default: the newest)")
     rs.set_defaults(caption_ext=None)
     rs.add_argument("--list", action="store_true", help="list the backups instead")
+    rs.add_argument("--prune", type=int, metavar="KEEP", help="delete all but the newest KEEP backups instead")
     rs.set_defaults(func=run_restore)
 
     wd = tsub.add_parser(
@@ -197,10 +198,14 @@ def run_edit(args: argparse.Namespace) -> int:
 
 
 def run_restore(args: argparse.Namespace) -> int:
-    from ..tags.backup import list_backups, restore_backup
+    from ..tags.backup import list_backups, prune_backups, restore_backup
     from ..tags.store import LoadConfig
     from . import emit
 
+    if args.prune is not None:
+        gone = prune_backups(args.dataset, args.prune)
+        emit({"deleted": [str(p) for p in gone]}, args.json, f"deleted {len(gone)} backup(s)")
+        return 0
     if args.list:
         found = list_backups(args.dataset)
         emit({"backups": [str(p) for p in found]}, args.json, "\n".join(map(str, found)) or "no backups")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,17 @@ def list_backups(dataset: str | os.PathLike) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: ((p / MANIFEST).stat().st_mtime_ns, p.name))
+
+
+def prune_backups(dataset: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` caption backups of a dataset; returns the folders deleted."""
+    if keep < 0:
+        raise SdtuneError("prune: keep must be >= 0")
+    found = list_backups(dataset)
+    doomed = found[:max(0, len(found) - keep)]
+    for folder in doomed:
+        shutil.rmtree(folder)
+    return doomed
 
 
 def read_backup(backup: str | os.PathLike) -> dict[str, bytes | None]:
