@@ -276,3 +276,13 @@ def test_undo_history_is_bounded_in_bytes(tmp_path, monkeypatch):
     assert caps(root)["10_a/1.png"].startswith("tag")  # only the kept steps could be undone
     restore_backup(root)
     assert caps(root) == {k: v for k, v in CAPTIONS.items()}  # the backup still has the originals
+
+
+def test_preview_shows_old_and_new_tags_without_writing(tmp_path):
+    root = make(tmp_path)
+    before = caps(root)
+    s = EditSession.open(root)
+    pv = s.preview([RemoveTag("smile"), AddTag("x", "end")], where="smile")
+    assert {s.store.items[i].image.name: pair for i, pair in pv.items()} == {
+        "1.png": (["alice", "long_hair", "smile", "smile"], ["alice", "long_hair", "x"])}
+    assert caps(root) == before and not s.can_undo

@@ -184,10 +184,15 @@ def run_edit(args: argparse.Namespace) -> int:
     from ..tags.history import EditConfig, edit_captions
     from . import emit
 
+    preview: dict = {} if args.dry_run else None
     result = edit_captions(EditConfig(args.dataset, _ops_from_args(args), args.where, args.caption_ext,
-                                      backup=not args.no_backup, dry_run=args.dry_run))
+                                      backup=not args.no_backup, dry_run=args.dry_run), preview)
     verb = "would change" if result.dry_run else "changed"
     human = [f"{result.selected} images selected, {verb} {len(result.changed)} captions in {result.seconds:.2f} s"]
+    for path, (old, new) in list((preview or {}).items())[:10]:
+        human += [f"{path}:", f"  - {', '.join(old)}", f"  + {', '.join(new)}"]
+    if preview and len(preview) > 10:
+        human.append(f"... and {len(preview) - 10} more")
     if result.backup:
         human.append(f"originals saved to {result.backup} (undo with: tag restore {args.dataset})")
     if result.skipped_unreadable:

@@ -111,6 +111,12 @@ class EditSession:
         return EditResult(len(chosen), [self.store.items[i].caption for i in after], backup,
                           time.perf_counter() - t0, False, skipped)
 
+    def preview(self, ops: Sequence[TagOp], where: str | None = None,
+                indices: Sequence[int] | None = None) -> dict[int, tuple[list[str], list[str]]]:
+        """What `apply` would change, writing nothing: item index -> (tags now, tags after)."""
+        new_tags = apply_ops(self.store, ops, select(self.store, where, indices))
+        return {i: (list(self.store.items[i].tags), tags) for i, tags in new_tags.items()}
+
     @_locked
     def write_tags(self, new_tags: dict[int, list[str]], label: str) -> EditResult:
         """Write given tag lists as one undoable step (used by the tagger)."""
@@ -187,7 +193,10 @@ class EditConfig:
     dry_run: bool = False
 
 
-def edit_captions(config: EditConfig) -> EditResult:
-    """Load, edit and write a dataset in one go (atomic, backed up)."""
+def edit_captions(config: EditConfig, preview: dict | None = None) -> EditResult:
+    """Load, edit and write a dataset in one go (atomic, backed up); fills `preview` (caption -> (old, new))."""
     session = EditSession.open(config.dataset, LoadConfig(config.caption_extension), backup=config.backup)
+    if preview is not None:
+        items = session.store.items
+        preview.update({items[i].caption: pair for i, pair in session.preview(config.ops, config.where).items()})
     return session.apply(config.ops, config.where, dry_run=config.dry_run)
