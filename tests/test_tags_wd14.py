@@ -106,6 +106,9 @@ def test_preprocessing_matches_the_reference_space():
         ours = prepare_image(rgba, target)
         assert ours.shape == (target, target, 3) and ours.dtype == np.float32
         np.testing.assert_array_equal(ours, reference_prepare(rgba, target))
+    for mode in ("RGB", "L", "P", "LA"):
+        img = rgba.convert(mode)
+        np.testing.assert_array_equal(prepare_image(img, 64), reference_prepare(img.convert("RGBA"), 64))
     red = prepare_image(Image.new("RGB", (10, 10), (230, 20, 10)), 10)
     assert red[0, 0].tolist() == [10.0, 20.0, 230.0]  # BGR, 0..255, no normalisation
     clear = prepare_image(Image.new("RGBA", (4, 2), (0, 0, 0, 0)), 4)

@@ -30,10 +30,13 @@ MODES = ("append", "prepend", "overwrite", "skip")
 
 def prepare_image(img: Image.Image, size: int) -> np.ndarray:
     """One image as the model wants it: [size, size, 3] float32 BGR 0..255, padded on white."""
-    img = img.convert("RGBA") if img.mode != "RGBA" else img
-    canvas = Image.new("RGBA", img.size, (255, 255, 255))
-    canvas.alpha_composite(img)
-    rgb = canvas.convert("RGB")
+    if img.mode == "RGB":  # opaque: compositing on white would give the same pixels
+        rgb = img
+    else:
+        img = img.convert("RGBA") if img.mode != "RGBA" else img
+        canvas = Image.new("RGBA", img.size, (255, 255, 255))
+        canvas.alpha_composite(img)
+        rgb = canvas.convert("RGB")
     w, h = rgb.size
     side = max(w, h)
     padded = Image.new("RGB", (side, side), (255, 255, 255))
