@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -11,7 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a LoRA, LoCon, LoHa, LoKr, DoRA or full-diff adapter. CONFIG is an "
                                    "sd-scripts train_network.py config (.toml, argument names as keys, sections "
                                    "flattened) or a kohya_ss GUI .json. The effective config is written beside the "
-                                   "outputs and into each file's metadata.")
+                                   "outputs and into each file's metadata. Data-parallel over several GPUs: accelerate "
+                                   "launch --multi_gpu --num_processes N -m lib_sdtune train CONFIG, or torchrun "
+                                   "--nproc_per_node N -m lib_sdtune train CONFIG (also CPU processes).")
     p.add_argument("config", metavar="CONFIG", help="train config (.toml or kohya_ss GUI .json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (repeatable), e.g. --set max_train_epochs=4")
@@ -28,12 +31,15 @@ def run_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f'resume="{args.resume}"'] if args.resume else [])
     cfg, notes = load_train_config(args.config, overrides)
-    bar = _progress_bar()
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0  # under accelerate launch / torchrun
+    bar = _progress_bar() if main_process else None
     try:
         result = train(cfg, progress=bar.update if bar else None, device=args.device, notes=notes)
     finally:
         if bar:
             bar.close()
+    if not main_process:
+        return 0  # the first process reports for all
     summary = {"outputs": [str(p) for p in result.outputs], "final_loss": result.final_loss, "steps": result.steps,
                "epochs": result.epochs, "output": str(result.outputs[-1]) if result.outputs else None,
                "validation_losses": result.validation_losses, "notes": result.notes,

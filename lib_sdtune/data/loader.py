@@ -183,19 +183,33 @@ class TrainingData:
         return resize_and_crop(im, rec.size, choice.bucket, choice.resized_size, sub.random_crop, rng,
                                sub.resize_interpolation or interpolation)
 
+    def shard_plan(self, epoch: int, rank: int = 0, world: int = 1) -> list[BatchKey]:
+        """One process's batches in data-parallel training: every `world`-th batch from `rank`, the plan
+        padded by wrapping around so every process gets the same count (as accelerate's loader does)."""
+        keys = self.epoch_plan(epoch)
+        if world <= 1:
+            return keys
+        per = -(-len(keys) // world)
+        padded = (keys * (1 + per * world // max(1, len(keys))))[:per * world]
+        return padded[rank::world]
+
     def iter_epoch(self, epoch: int, first_step: int = 0, start_index: int = 0,
-                   executor: Optional[Executor] = None) -> Iterator[Batch]:
+                   executor: Optional[Executor] = None, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """Batches of one epoch in order, decoded `prefetch_batches` ahead in `workers` threads.
 
         `start_index` skips batches already trained (resume); batches whose images all failed to
         decode are left out (their files are named in the `skipped` list of the next batch yielded).
+        `rank`/`world` give this process its share in data-parallel training (`shard_plan`).
         """
-        keys = self.epoch_plan(epoch)[start_index:]
+        accum = max(1, self.options.gradient_accumulation_steps)
+        keys = self.shard_plan(epoch, rank, world)[start_index:]
+        # the optimizer step each batch belongs to, counted on this process's own batches
+        jobs = [(key, first_step + (start_index + i) // accum) for i, key in enumerate(keys)]
         workers = self.options.workers
         if workers <= 0 and executor is None:
             pending: list[tuple[Path, str]] = []
-            for key in keys:
-                yield from self._emit(self.load_batch(key, self.step_of(key, first_step)), pending)
+            for key, step in jobs:
+                yield from self._emit(self.load_batch(key, step), pending)
             return
         own = executor is None
         pool = executor or ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdtune-data")
@@ -203,16 +217,16 @@ class TrainingData:
             ahead = max(1, self.options.prefetch_batches)
             futures: list[Future] = []
             pending_skips: list[tuple[Path, str]] = []
-            it = iter(keys)
-            for key in it:
-                futures.append(pool.submit(self.load_batch, key, self.step_of(key, first_step)))
+            it = iter(jobs)
+            for key, step in it:
+                futures.append(pool.submit(self.load_batch, key, step))
                 if len(futures) >= ahead:
                     break
             while futures:
                 batch = futures.pop(0).result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    futures.append(pool.submit(self.load_batch, nxt, self.step_of(nxt, first_step)))
+                    futures.append(pool.submit(self.load_batch, *nxt))
                 yield from self._emit(batch, pending_skips)
         finally:
             if own:

@@ -32,6 +32,7 @@ from ..networks.network import LoraNetwork
 from ..networks.param_groups import optimizer_param_groups
 from .conditioning import Conditioning, TextEncoders, encode_text, size_conditioning
 from .config import TrainConfig, config_to_dict
+from .distributed import data_parallel_from_env
 from .loss import diffusion_loss, target_for
 from .noise import perturb_noise, sample_noise, sample_timesteps, zero_terminal_snr_betas
 from .optimizers import build_optimizer
@@ -117,6 +118,9 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
     cfg.validate()
     result = TrainResult(notes=list(notes or []))
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dp = data_parallel_from_env(dev.type)
+    if dp.world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", dp.local_rank)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -175,7 +179,8 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
     opt = build_optimizer(cfg.optimizer_type, groups.groups, cfg.learning_rate, cfg.optimizer_args,
                           device_type=dev.type)
     result.notes += opt.warnings
-    steps_per_epoch = math.ceil(data.batches_per_epoch / cfg.gradient_accumulation_steps)
+    batches_per_process = math.ceil(data.batches_per_epoch / dp.world)
+    steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
     if cfg.max_train_epochs:
         max_steps = cfg.max_train_epochs * steps_per_epoch
     else:
@@ -198,14 +203,17 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
     alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
     prediction = "v_prediction" if v_pred else "epsilon"
     scaling = float(vae.config.scaling_factor)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + dp.rank)  # each process draws its own noise for its own batches
 
     run = RunInfo(cfg, seed, data.batches_per_epoch, num_epochs, max_steps, opt.metadata_name, run_data.metadata)
     run.fill_model_hashes()
     result.config_path = out_dir / f"{cfg.output_name}-config.json"
-    atomic_write_text(result.config_path, json.dumps(config_to_dict(cfg), indent=2, default=str))
+    if dp.is_main:
+        atomic_write_text(result.config_path, json.dumps(config_to_dict(cfg), indent=2, default=str))
 
     def save_file(path: Path, epoch: int, step: int) -> None:
+        if not dp.is_main:
+            return
         meta = {} if cfg.no_metadata else training_metadata(run, epoch, step)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.save_precision or "", torch.float32)
         save_lora(network, path, metadata=meta, dtype=dtype, v_pred=v_pred)
@@ -213,6 +221,8 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
 
     def write_state(name: str, epoch: int, batch_index: int, step: int) -> Path:
         pos = TrainPosition(epoch, batch_index, step, seed, fingerprint)
+        if not dp.is_main:
+            return out_dir / name
         folder = save_state(out_dir / name, network.state_dict_kohya(torch.float32), opt.optimizer.state_dict(),
                             sched.state_dict(), _rng_state(gen), pos)
         result.state_dir = folder
@@ -235,7 +245,7 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
     for epoch in range(start_epoch, num_epochs + 1):
         first = start_batch if epoch == start_epoch else 0
         first_step = step - first // cfg.gradient_accumulation_steps
-        batches = data.iter_epoch(epoch, first_step=first_step, start_index=first)
+        batches = data.iter_epoch(epoch, first_step=first_step, start_index=first, rank=dp.rank, world=dp.world)
         batch_index = first
         for batch in batches:
             if batch.skipped:
@@ -265,8 +275,9 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
             (loss / cfg.gradient_accumulation_steps).backward()
             batch_index += 1
             last_loss = float(loss.detach())
-            if batch_index % cfg.gradient_accumulation_steps and batch_index < data.batches_per_epoch:
+            if batch_index % cfg.gradient_accumulation_steps and batch_index < batches_per_process:
                 continue
+            dp.average_gradients(params)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.optimizer.step()
@@ -289,7 +300,7 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
             if step >= max_steps:
                 stop = True
                 break
-            if cancelled is not None and cancelled():
+            if dp.any_true(cancelled is not None and cancelled(), dev):
                 write_state(f"{cfg.output_name}-state", epoch, batch_index, step)
                 result.cancelled = True
                 break
@@ -312,6 +323,10 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
         save_file(final_file(out_dir, cfg.output_name), result.epochs, step)
         if cfg.save_state or cfg.save_state_on_train_end:
             write_state(f"{cfg.output_name}-state", result.epochs + 1, 0, step)
+    checksum = dp.check_identical(network.state_dict_kohya(torch.float32))
+    if dp.world > 1:
+        result.notes.append(f"{dp.world} data-parallel processes ended with identical adapter weights "
+                            f"(checksum {checksum})")
     network.remove()
     return result
 
