@@ -116,3 +116,20 @@ def test_presets_match_the_published_values():
                                            + [0.0] * 5)
     assert PRESETS["MID12_50"].count(0.5) == 14
     assert resolve_blocks("grad_v", "sd2")["OUT11"] == 1.0
+
+
+def test_sdxl_plan_on_the_real_layout_gives_each_key_its_block_te_and_vae_ratio():
+    import torch
+
+    from lib_sdtune.merge.plan import InputLayout, build_plan
+
+    shapes = {k: tuple(v) for k, v in json.loads((REF / "sdxl_base_keys.json").read_text()).items()}
+    layout = InputLayout("A", {k: (torch.float16, s) for k, s in shapes.items()})
+    values = [0.05] + [i / 100 + 0.1 for i in range(19)] + [0.9]  # BASE, 19 U-Net slots, VAE
+    blocks = resolve_blocks(values, "sdxl")
+    plans, report = build_plan([layout, layout], "sdxl", Ratios(0.5, blocks=blocks), None, torch.float16)
+    assert len(plans) == len(shapes) and not report.kept_from_a
+    for p in plans:
+        comp = component_of(p.name, "sdxl")
+        expected = {"te": 0.05, "vae": 0.9}.get(comp) if comp != "unet" else blocks[unet_slot(p.name, "sdxl")]
+        assert p.action == "merge" and p.alpha == expected, p.name

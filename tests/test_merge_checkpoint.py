@@ -221,3 +221,42 @@ def test_cli_merge_json_and_error_paragraphs(models, tmp_path):
     bad = cli("merge", models["A"], models["B"], "--blocks", "1,2", "-o", tmp_path / "bad.safetensors")
     assert bad.returncode == 1 and "blocks: 2 values given" in bad.stderr and bad.stdout == ""
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_inputs_in_another_tensor_order_are_hashed_by_a_second_pass(models, tmp_path):
+    def mixed(t):  # B's U-Net in fp32 and the rest fp16: its file order is no longer A's
+        for k in [k for k in t if k.startswith("model.diffusion_model.")]:
+            t[k] = t[k].float()
+    b = variant(models["A"], tmp_path / "b_mixed.safetensors", 8, mixed)
+    r = merge_checkpoints(MergeConfig((str(models["A"]), str(b)), str(tmp_path / "o.safetensors"), dtype="fp32"))
+    assert [h.sha256 for h in r.input_hashes] == [file_sha256(models["A"]), file_sha256(b)]
+    merged, a, bt = load(tmp_path / "o.safetensors"), load(models["A"]), load(b)
+    key = "model.diffusion_model.middle_block.1.proj_in.weight"
+    assert torch.equal(merged[key], 0.5 * a[key].float() + 0.5 * bt[key])
+
+
+def test_ckpt_inputs_are_read_as_plain_tensors(models, tmp_path):
+    ckpt = tmp_path / "b.ckpt"
+    torch.save({"state_dict": load(models["B"])}, ckpt)
+    from_ckpt, from_st = tmp_path / "ckpt.safetensors", tmp_path / "st.safetensors"
+    merge_checkpoints(MergeConfig((str(models["A"]), str(ckpt)), str(from_ckpt), alpha=0.4))
+    merge_checkpoints(MergeConfig((str(models["A"]), str(models["B"])), str(from_st), alpha=0.4))
+    x, y = load(from_ckpt), load(from_st)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_inpainting_a_merges_the_shared_channels_and_keeps_its_own(models, tmp_path):
+    conv = "model.diffusion_model.input_blocks.0.0.weight"
+
+    def inpaint(t):
+        t[conv] = torch.cat([t[conv], torch.full((t[conv].shape[0], 5, *t[conv].shape[2:]), 0.5, dtype=t[conv].dtype)],
+                            dim=1)
+    a9 = variant(models["A"], tmp_path / "a_inpaint.safetensors", 9, inpaint)
+    out = tmp_path / "o.safetensors"
+    r = merge_checkpoints(MergeConfig((str(a9), str(models["B"])), str(out), alpha=0.5, dtype="fp32"))
+    assert r.report.partial_channels == [conv]
+    m, a, b = load(out)[conv], load(a9)[conv], load(models["B"])[conv]
+    assert m.shape[1] == 9 and torch.equal(m[:, 4:], a[:, 4:].float())
+    assert torch.equal(m[:, :4], 0.5 * a[:, :4].float() + 0.5 * b.float())
+    with pytest.raises(SdtuneError, match="must be A"):
+        merge_checkpoints(MergeConfig((str(models["B"]), str(a9)), str(tmp_path / "x.safetensors")))

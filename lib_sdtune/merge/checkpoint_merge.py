@@ -166,6 +166,7 @@ def merge_checkpoints(config: MergeConfig, progress: Optional[Progress] = None,
 
 def _merge(config: MergeConfig, progress: Optional[Progress], cancelled: Optional[Callable[[], bool]],
            threaded: bool) -> MergeResult:
+    """Check everything from the headers, then stream every key through the pipeline into the writer."""
     started = time.perf_counter()
     method = get_method(config.method)
     out_dtype = OUTPUT_DTYPES[config.dtype]
