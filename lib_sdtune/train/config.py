@@ -168,6 +168,9 @@ class TrainConfig:
                               "need 0 <= min < max <= 1000")
         if self.full_fp16 and self.mixed_precision != "fp16" or self.full_bf16 and self.mixed_precision != "bf16":
             raise SdtuneError("full_fp16/full_bf16 need the matching mixed_precision (fp16/bf16)")
+        if self.fp8_base:
+            raise SdtuneError("fp8_base is not supported by sdtune yet: use mixed_precision bf16 (or fp16) with "
+                              "gradient_checkpointing = true to save memory")
         if self.network_module not in ("networks.lora", "lycoris.kohya"):
             raise SdtuneError(f"network_module = {self.network_module!r}: sdtune trains networks.lora "
                               "(LoRA/LoCon) and lycoris.kohya (algo=loha, lokr, full, dora_wd=True ...)")
