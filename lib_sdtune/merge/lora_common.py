@@ -32,11 +32,12 @@ _LBW12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i i
 
 
 def checkpoint_name_map(shapes: Mapping[str, Sequence[int]], arch: ArchInfo,
-                        path: Optional[str | os.PathLike] = None) -> LoraNameMap:
+                        path: Optional[str | os.PathLike] = None, conv: bool = True) -> LoraNameMap:
     """kohya LoRA name -> layer (original key, rows, shape) for a checkpoint, from its header alone.
 
     The U-Net and text encoders are built on the meta device (no memory) from the shapes, with
-    the .yaml beside `path` for head counts, and walked as sd-scripts walks them (LoCon layers included).
+    the .yaml beside `path` for head counts, and walked as sd-scripts walks them (with `conv`, the LoCon
+    layers of ResNet and up/down-sampling blocks too).
     """
     from ..models.hints import ModelHints
     from ..models.loader import load_checkpoint
@@ -45,7 +46,7 @@ def checkpoint_name_map(shapes: Mapping[str, Sequence[int]], arch: ArchInfo,
     source.path = Path(path) if path is not None else None
     components = [c for c in _TRAINED if c in arch.components]
     model = load_checkpoint(source, components=components, hints=ModelHints(prediction_type="epsilon"))
-    return LoraNameMap(lora_targets(model.modules, arch.family, conv=True))
+    return LoraNameMap(lora_targets(model.modules, arch.family, conv=conv))
 
 
 def target_shape(t: LoraTarget) -> tuple[int, ...]:
