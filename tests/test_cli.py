@@ -25,8 +25,7 @@ def test_help_lists_every_contract_command():
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("argv", [["lora", "bake", "m.safetensors", "x.safetensors"],
-                                  ["repair", "diagnose"]])
+@pytest.mark.parametrize("argv", [["repair", "diagnose"]])
 def test_commands_not_built_yet_say_so_and_exit_2(argv):
     out = run(*argv)
     assert out.returncode == 2 and "not built yet" in out.stderr and out.stdout == ""
