@@ -10,7 +10,7 @@ import torch
 
 from lib_sdtune.io.safetensors_io import SafetensorsFile, save_safetensors
 from lib_sdtune.merge import METHODS, MergeConfig, merge_checkpoints
-from lib_sdtune.merge.methods import keep_top_fraction, key_seed
+from lib_sdtune.merge.methods import CHUNK, dare_mask, keep_top_fraction
 
 ALPHA, BETA = 0.3, 0.4
 
@@ -69,6 +69,11 @@ def ties_formula(a, b, c, alpha, density):
 
 
 def slerp_formula(a, b, t):
+    """Slerp in float64 (acos of a dot product near 1 needs it), returned as float32."""
+    return _slerp64(a.double(), b.double(), t).float()
+
+
+def _slerp64(a, b, t):
     na, nb = a.norm(), b.norm()
     ua, ub = a / na, b / nb
     omega = torch.arccos((ua * ub).sum().clamp(-1, 1))
@@ -97,8 +102,7 @@ def formula(method: str, a, b, c, key: str, seed: int):
     if method == "ties":
         return ties_formula(a, b, c, ALPHA, BETA)
     if method == "dare":
-        gen = torch.Generator().manual_seed(key_seed(seed, key))
-        mask = torch.rand(a.shape, generator=gen) >= BETA
+        mask = dare_mask(a.numel(), BETA, seed, key).view(a.shape)
         return a + ALPHA * ((b - c) * mask / (1 - BETA))
     if method == "slerp":
         return slerp_formula(a, b, ALPHA)
@@ -154,7 +158,7 @@ def test_dare_is_reproducible_by_seed_and_drops_the_asked_fraction(trio, tmp_pat
     key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
     m1, m2 = load(paths[0])[key], load(paths[2])[key]
     assert not torch.equal(m1, m2)
-    mask = torch.rand(m1.shape, generator=torch.Generator().manual_seed(key_seed(1, key))) >= 0.5
+    mask = dare_mask(m1.numel(), 0.5, 1, key).view(m1.shape)
     assert abs(mask.float().mean().item() - 0.5) < 0.01
     assert torch.equal(m1[~mask], load(Path(a))[key].float()[~mask])  # dropped entries keep A
 
@@ -172,3 +176,25 @@ def test_methods_never_change_their_inputs():
     for m in METHODS.values():
         m.apply([a, b, c][:m.models], 0.4, 0.3 if m.beta else None, 0, "k")
         assert all(torch.equal(x, y) for x, y in zip((a, b, c), copies)), m.name
+
+
+def test_dare_mask_is_the_same_however_the_tensor_is_split():
+    whole = dare_mask(3 * CHUNK + 123, 0.3, 5, "k")
+    parts = torch.cat([dare_mask(1000, 0.3, 5, "k"), dare_mask(CHUNK * 2, 0.3, 5, "k", offset=1000),
+                       dare_mask(CHUNK + 123 - 1000, 0.3, 5, "k", offset=1000 + 2 * CHUNK)])
+    assert torch.equal(whole, parts) and not torch.equal(whole, dare_mask(3 * CHUNK + 123, 0.3, 6, "k"))
+
+
+def test_slerp_and_ties_statistics_are_whole_tensor_even_when_applied_in_chunks():
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(5 * CHUNK + 7, generator=gen) for _ in range(3))
+    for name, tensors in (("slerp", [a, b]), ("ties", [a, b, c])):
+        m = METHODS[name]
+        beta = 0.3 if m.beta else None
+        whole = m.apply(tensors, 0.4, beta, 0, "k")
+        stats = m.prepare(tensors, 0.4, beta)
+        pieces = torch.cat([m.apply([t[i:i + CHUNK] for t in tensors], 0.4, beta, 0, "k", stats, offset=i)
+                            for i in range(0, a.numel(), CHUNK)])
+        assert torch.equal(whole, pieces), name
+    torch.testing.assert_close(METHODS["slerp"].apply([a, b], 0.4, None, 0, "k"), slerp_formula(a, b, 0.4),
+                               rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ from ..io.safetensors_io import SafetensorsWriter, build_header, st_dtype_name
 from .blocks import resolve_blocks
 from .buffers import BufferPool
 from .config import OUTPUT_DTYPES, MergeConfig, validate_config
-from .methods import MergeMethod, get_method
+from .methods import CHUNK, MergeMethod, get_method
 from .pipeline import run_pipeline
 from .plan import InputLayout, KeyPlan, PlanReport, Ratios, build_plan
 from .recipe import ROLES, build_recipe, check_expected, placeholder_hashes, recipe_metadata, verify_hashes
@@ -31,7 +31,6 @@ from .sources import InputHashes, MergeInput, open_input, strip_vae_prefix
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
-CHUNK = 1 << 15  # entries per step: at or under torch's parallel grain size (no thread-pool spin), in cache
 
 
 @dataclass
@@ -104,28 +103,26 @@ def _compute(plan: KeyPlan, tensors: list[torch.Tensor], method: MergeMethod, se
             return a, None
         out, buf = (pool or BufferPool(keep_bytes=0)).empty(plan.shape, plan.out_dtype)
         return out.copy_(a), buf
-    if plan.channels is None and method.elementwise and a.numel() > CHUNK:
-        return _compute_chunked(plan, tensors, method, seed, pool or BufferPool(keep_bytes=0))
-    floats = [t.float() for t in tensors]
     if plan.channels is None:
-        out = method.apply(floats, plan.alpha, plan.beta, seed, plan.name)
-    else:  # inpainting A: the first channels are merged, the extra ones stay A's
-        out = floats[0].clone()
-        head = [floats[0][:, :plan.channels], *floats[1:]]
-        out[:, :plan.channels] = method.apply(head, plan.alpha, plan.beta, seed, plan.name)
+        return _compute_chunked(plan, tensors, method, seed, pool or BufferPool(keep_bytes=0))
+    floats = [t.float() for t in tensors]  # inpainting A (a small conv): the first channels are merged
+    out = floats[0].clone()
+    head = [floats[0][:, :plan.channels].contiguous(), *floats[1:]]
+    out[:, :plan.channels] = method.apply(head, plan.alpha, plan.beta, seed, plan.name)
     return out.to(plan.out_dtype), None
 
 
 def _compute_chunked(plan: KeyPlan, tensors: list[torch.Tensor], method: MergeMethod, seed: int,
                      pool: BufferPool) -> Computed:
-    """An elementwise method over CHUNK entries at a time: the float32 temporaries stay small and in cache,
-    and the result is the same bits as the whole-tensor computation."""
+    """A method over CHUNK entries at a time (after its whole-tensor stats): the float32 temporaries stay
+    small and in cache, and the result is the same bits as the whole-tensor computation."""
+    stats = method.prepare(tensors, plan.alpha, plan.beta)
     out, buf = pool.empty(plan.shape, plan.out_dtype)  # type: ignore[arg-type]
     flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
     for i in range(0, flat_out.numel(), CHUNK):
         part = [f[i:i + CHUNK].float() for f in flats]
-        flat_out[i:i + CHUNK].copy_(method.apply(part, plan.alpha, plan.beta, seed, plan.name))
+        flat_out[i:i + CHUNK].copy_(method.apply(part, plan.alpha, plan.beta, seed, plan.name, stats, offset=i))
     return out, buf
 
 
