@@ -16,6 +16,7 @@ from lib_sdtune.models.loader import load_checkpoint
 from lib_sdtune.networks.kohya_file import load_lora
 from lib_sdtune.networks.lora_info import inspect_lora
 from lib_sdtune.train.config import TrainConfig, apply_overrides, config_from_dict, load_train_config
+from lib_sdtune.train.run_log import RunLog
 from lib_sdtune.train.trainer import train
 
 
@@ -63,6 +64,20 @@ def test_sd1_lora_trains_saves_sd_scripts_files_and_reports_progress(tiny_fp32_c
     assert info.rank == 4 and info.te_modules == 72 and info.unet_modules == 192
     assert any(float(t.abs().max()) > 0 for k, t in sd.items() if "lora_up" in k)  # it learned something
     assert json.loads(result.config_path.read_text())["output_name"] == "tiny"
+    log_json, log_png = result.log_paths
+    logged = json.loads(log_json.read_text())
+    assert [e["epoch"] for e in logged["epochs"]] == [1] and len(logged["steps"]) == 4
+    assert logged["epochs"][0]["train_loss"] == pytest.approx(sum(result.losses) / 4)
+    with Image.open(log_png) as im:
+        assert im.format == "PNG" and im.size == (800, 400)
+
+
+def test_run_log_reports_a_lasting_step_rate_collapse_once(tmp_path):
+    log = RunLog(tmp_path, "x")
+    assert all(log.add_step(i, 1.0, 1e-4, 0.5) is None for i in range(25))
+    assert log.add_step(25, 1.0, 1e-4, 3.0) is None  # one slow step is a hiccup
+    warnings = [log.add_step(26 + i, 1.0, 1e-4, 3.0) for i in range(6)]
+    assert sum(w is not None for w in warnings) == 1 and "gradient_checkpointing" in next(w for w in warnings if w)
 
 
 @pytest.mark.parametrize("arch, network_args", [

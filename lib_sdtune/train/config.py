@@ -143,6 +143,7 @@ class TrainConfig:
     metadata_license: Optional[str] = None
     metadata_tags: Optional[str] = None
     metadata_trigger_phrase: Optional[str] = None  # sdtune: modelspec.trigger_phrase
+    logging_dir: Optional[str] = None  # TensorBoard logs (when tensorboard is installed)
 
     def validate(self) -> None:
         """Refuse contradictory or impossible settings before anything is loaded."""
@@ -187,7 +188,7 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 # sd-scripts arguments that sdtune accepts and that change nothing here (attention kernels are SDPA, ...)
 NO_EFFECT = {"xformers", "sdpa", "mem_eff_attn", "lowram", "highvram", "persistent_data_loader_workers",
-             "log_with", "logging_dir", "log_prefix", "log_tracker_name", "wandb_run_name", "console_log_level",
+             "log_with", "log_prefix", "log_tracker_name", "wandb_run_name", "console_log_level",
              "max_data_loader_workers", "vae_batch_size", "skip_cache_check", "huggingface_repo_id"}
 # kohya_ss GUI JSON names -> sd-scripts names
 GUI_KEYS = {"optimizer": "optimizer_type", "epoch": "max_train_epochs", "train_batch_size": "train_batch_size",

@@ -38,6 +38,7 @@ from .noise import perturb_noise, sample_noise, sample_timesteps, zero_terminal_
 from .optimizers import build_optimizer
 from .outputs import RunInfo, epoch_file, final_file, prune_old, step_file, training_metadata
 from .run_data import RunData, prepare_data
+from .run_log import RunLog
 from .schedulers import build_scheduler
 from .state import TrainPosition, config_fingerprint, load_state, save_state
 
@@ -63,6 +64,7 @@ class TrainResult:
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     config_path: Optional[Path] = None
+    log_paths: list[Path] = field(default_factory=list)  # <name>-log.json, <name>-loss.png
 
 
 @dataclass
@@ -239,7 +241,11 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
         step, start_epoch, start_batch = pos.step, pos.epoch, pos.batch_index
 
     # --- the loop
+    run_log = RunLog(out_dir, cfg.output_name, cfg.logging_dir if dp.is_main else None)
+    if resume is not None:
+        run_log.continue_from(step)
     started, last_loss = time.time(), None
+    step_started = time.perf_counter()
     recent: list[float] = []
     stop = False
     for epoch in range(start_epoch, num_epochs + 1):
@@ -288,11 +294,18 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
                 apply_max_norm(network, cfg.scale_weight_norms)
             result.losses.append(last_loss)
             recent = (recent + [last_loss])[-max(1, steps_per_epoch):]
+            now = time.perf_counter()
+            slow = run_log.add_step(step, last_loss, sched.get_last_lr()[0], now - step_started)
+            step_started = now
+            if slow:
+                result.notes.append(slow)
+                log.warning(slow)
             if progress is not None:
                 rate = (step - (resume[4].step if resume else 0)) / max(1e-9, time.time() - started)
                 progress(step, max_steps, {"epoch": epoch, "epochs": num_epochs, "loss": last_loss,
                                            "avg_loss": sum(recent) / len(recent), "lr": sched.get_last_lr()[0],
-                                           "it_per_s": rate, "eta_s": (max_steps - step) / rate if rate else None})
+                                           "it_per_s": rate, "eta_s": (max_steps - step) / rate if rate else None,
+                                           "peak_vram_gb": _peak_vram_gb(dev), "warning": slow})
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < max_steps:
                 save_file(step_file(out_dir, cfg.output_name, step), epoch, step)
                 prune_old(out_dir, cfg.output_name, None, cfg.save_last_n_steps, epoch, step, None,
@@ -306,9 +319,12 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
                 break
         if result.cancelled:
             break
+        val = None
         if run_data.validation is not None and _validate_now(cfg, epoch, num_epochs):
             val = _validation_loss(run_data, vae, text, unet, noise_sched, cfg, prediction, prec, dev, scaling)
             result.validation_losses.append((epoch, val))
+        if dp.is_main:
+            run_log.end_epoch(epoch, val)
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < num_epochs and not stop:
             save_file(epoch_file(out_dir, cfg.output_name, epoch), epoch, step)
             prune_old(out_dir, cfg.output_name, cfg.save_last_n_epochs, None, epoch, step, cfg.save_every_n_epochs,
@@ -323,6 +339,11 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
         save_file(final_file(out_dir, cfg.output_name), result.epochs, step)
         if cfg.save_state or cfg.save_state_on_train_end:
             write_state(f"{cfg.output_name}-state", result.epochs + 1, 0, step)
+    if result.cancelled and dp.is_main and run_log.steps:
+        run_log.write()  # the partial epoch too, so the curve shows where the run stopped
+    run_log.close()
+    if dp.is_main and run_log.steps:
+        result.log_paths = [run_log.json_path, run_log.png_path]
     checksum = dp.check_identical(network.state_dict_kohya(torch.float32))
     if dp.world > 1:
         result.notes.append(f"{dp.world} data-parallel processes ended with identical adapter weights "
@@ -388,6 +409,13 @@ def _predict(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor
         kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
     with torch.autocast(dev.type, dtype=prec.autocast, enabled=prec.autocast is not None):
         return unet(noisy.to(prec.weight_dtype), timesteps, cond.hidden_states.to(prec.weight_dtype), **kwargs).sample
+
+
+def _peak_vram_gb(dev: torch.device) -> Optional[float]:
+    """Peak CUDA memory allocated so far, in GiB (None on the CPU)."""
+    if dev.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(dev) / 2**30
 
 
 def _validate_now(cfg: TrainConfig, epoch: int, num_epochs: int) -> bool:
