@@ -17,6 +17,7 @@ from lib_sdtune.networks.kohya_file import load_lora
 from lib_sdtune.networks.lora_info import inspect_lora
 from lib_sdtune.train.config import TrainConfig, apply_overrides, config_from_dict, load_train_config
 from lib_sdtune.train.run_log import RunLog
+from lib_sdtune.train.sampling import SamplePrompt, read_prompt_file
 from lib_sdtune.train.trainer import train
 
 
@@ -184,3 +185,30 @@ def test_cli_train_writes_files_and_json(tiny_checkpoints, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 2 and out["output"].endswith("cli.safetensors") and Path(out["output"]).exists()
     assert load_checkpoint(tiny_checkpoints["sd1"]).arch.family == "sd1"
+
+
+def test_sample_prompt_file_is_read_like_sd_scripts(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\n\na red circle --n blurry, low quality --w 96 --h 64 --d 7 --l 5.5 "
+                                    "--s 3 --ss euler_a\nsdtdemo\n", encoding="utf-8")
+    first, second = read_prompt_file(tmp_path / "p.txt")
+    assert first == SamplePrompt("a red circle", "blurry, low quality", 96, 64, 7, 5.5, 3, "euler_a")
+    assert second == SamplePrompt("sdtdemo")  # sd-scripts' defaults: 512x512, 30 steps, CFG 7.5
+    (tmp_path / "bad.txt").write_text("x --w wide\n")
+    with pytest.raises(SdtuneError, match="bad.txt:1: --w"):
+        read_prompt_file(tmp_path / "bad.txt")
+
+
+def test_sample_images_every_epoch_beside_the_outputs(tiny_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds", n=2)
+    (tmp_path / "p.txt").write_text("sdtdemo, red square --w 64 --h 64 --s 2 --d 1\nblue --w 64 --h 64 --s 2 "
+                                    "--ss euler_a\n")
+    cfg = _config(tiny_checkpoints["sd1"], data, tmp_path / "out", max_train_steps=None, max_train_epochs=2,
+                  sample_prompts=str(tmp_path / "p.txt"), sample_every_n_epochs=1, sample_at_first=True,
+                  clip_skip=2)
+    result = train(cfg)
+    names = sorted(p.name.split("_")[1] for p in result.samples)
+    assert names == ["e000000"] * 2 + ["e000001"] * 2 + ["e000002"] * 2
+    for path in result.samples:
+        assert path.parent == tmp_path / "out" / "sample"
+        with Image.open(path) as im:
+            assert im.size == (64, 64)

@@ -144,6 +144,12 @@ class TrainConfig:
     metadata_tags: Optional[str] = None
     metadata_trigger_phrase: Optional[str] = None  # sdtune: modelspec.trigger_phrase
     logging_dir: Optional[str] = None  # TensorBoard logs (when tensorboard is installed)
+    # sample images
+    sample_prompts: Optional[str] = None  # sd-scripts prompt file (.txt with --n --w --h --d --l --s --ss, or .json)
+    sample_every_n_epochs: Optional[int] = None
+    sample_every_n_steps: Optional[int] = None
+    sample_at_first: bool = False
+    sample_sampler: str = "ddim"
 
     def validate(self) -> None:
         """Refuse contradictory or impossible settings before anything is loaded."""
@@ -313,8 +319,9 @@ def load_train_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> 
         raise SdtuneError(f"{p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'} ({e})") from None
     cfg = apply_overrides(cfg, overrides)
     base = p.parent
+    # relative paths are relative to the config file
     for name in ("pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "dataset_config", "vae",
-                 "network_weights", "output_dir", "resume"):  # relative paths are relative to the config file
+                 "network_weights", "output_dir", "resume", "sample_prompts", "logging_dir"):
         value = getattr(cfg, name)
         if value and not Path(value).is_absolute():
             setattr(cfg, name, str((base / value).resolve()))

@@ -39,6 +39,7 @@ from .optimizers import build_optimizer
 from .outputs import RunInfo, epoch_file, final_file, prune_old, step_file, training_metadata
 from .run_data import RunData, prepare_data
 from .run_log import RunLog
+from .sampling import generate_samples, read_prompt_file
 from .schedulers import build_scheduler
 from .state import TrainPosition, config_fingerprint, load_state, save_state
 
@@ -65,6 +66,7 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     config_path: Optional[Path] = None
     log_paths: list[Path] = field(default_factory=list)  # <name>-log.json, <name>-loss.png
+    samples: list[Path] = field(default_factory=list)  # sample images written
 
 
 @dataclass
@@ -230,6 +232,27 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
         result.state_dir = folder
         return folder
 
+    prompts = read_prompt_file(cfg.sample_prompts) if cfg.sample_prompts and dp.is_main else []
+
+    def sample(label: str) -> None:
+        if not prompts:
+            return
+        network.eval()
+        for m in [unet, *(mods[n] for n in te_names)]:
+            m.eval()
+        try:
+            result.samples += generate_samples(
+                prompts, family, mods, text.tokenizers, model.scheduler_config, out_dir / "sample",
+                f"{cfg.output_name}_{label}", lambda captions: encode_text(text, captions, cfg.clip_skip,
+                                                                           cfg.max_token_length),
+                cfg.sample_sampler, seed)
+        finally:
+            network.train()
+            if cfg.gradient_checkpointing:
+                unet.train()
+                for n in te_names if trains_te else []:
+                    mods[n].train()
+
     # --- resume: adapter, optimizer, schedule, RNG and position
     step, start_epoch, start_batch = 0, 1, 0
     if resume is not None:
@@ -244,6 +267,8 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
     run_log = RunLog(out_dir, cfg.output_name, cfg.logging_dir if dp.is_main else None)
     if resume is not None:
         run_log.continue_from(step)
+    if cfg.sample_at_first and resume is None:
+        sample("e000000")
     started, last_loss = time.time(), None
     step_started = time.perf_counter()
     recent: list[float] = []
@@ -310,6 +335,8 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
                 save_file(step_file(out_dir, cfg.output_name, step), epoch, step)
                 prune_old(out_dir, cfg.output_name, None, cfg.save_last_n_steps, epoch, step, None,
                           cfg.save_every_n_steps)
+            if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                sample(f"{step:06d}")
             if step >= max_steps:
                 stop = True
                 break
@@ -325,6 +352,8 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
             result.validation_losses.append((epoch, val))
         if dp.is_main:
             run_log.end_epoch(epoch, val)
+        if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
+            sample(f"e{epoch:06d}")
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < num_epochs and not stop:
             save_file(epoch_file(out_dir, cfg.output_name, epoch), epoch, step)
             prune_old(out_dir, cfg.output_name, cfg.save_last_n_epochs, None, epoch, step, cfg.save_every_n_epochs,
