@@ -7,8 +7,9 @@ each in a fresh interpreter with the inputs dropped from the page cache first (c
 - sdtune: `merge_checkpoints` weighted_sum alpha 0.5 to fp16 (the same work A1111's merger does).
 Reports wall time, the ratio to the floor, CPU seconds, peak RSS (VmHWM: mapped file pages included,
 what `/usr/bin/time -v` and task managers show) and bytes read (rchar). The temp folder is deleted after.
-Usage:
-    python bench/merge.py [--repeat 2] [--warm]
+With --method NAME another method runs instead (three-model methods build a third file C and the
+floor then reads three files). Usage:
+    python bench/merge.py [--repeat 2] [--warm] [--method weighted_sum]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch
 from lib_sdtune.merge import MergeConfig, merge_checkpoints
-A, B, OUT = {a!r}, {b!r}, {out!r}
+INPUTS, OUT, METHOD = {inputs!r}, {out!r}, {method!r}
 
 def report(seconds, extra):
     status = dict(line.split(':', 1) for line in open('/proc/self/status') if ':' in line)
@@ -48,25 +49,27 @@ t0 = time.perf_counter()
 FLOOR = """
 buf = bytearray(64 << 20)
 view = memoryview(buf)
-with open(A, 'rb', buffering=0) as fa, open(B, 'rb', buffering=0) as fb, open(OUT, 'wb', buffering=0) as fo:
+files = [open(p, 'rb', buffering=0) for p in INPUTS]
+with open(OUT, 'wb', buffering=0) as fo:
     while True:
-        n = fa.readinto(buf)
+        n = files[0].readinto(buf)
         if not n:
             break
         fo.write(view[:n])
-        fb.readinto(buf)
+        for f in files[1:]:
+            f.readinto(buf)
     os.fsync(fo.fileno())
 report(time.perf_counter() - t0, {})
 """
 
 SDTUNE = """
-r = merge_checkpoints(MergeConfig((A, B), OUT, method='weighted_sum', alpha=0.5, dtype='fp16'))
+r = merge_checkpoints(MergeConfig(INPUTS, OUT, method=METHOD, alpha=0.5, dtype='fp16'))
 report(time.perf_counter() - t0, dict(bytes_read_reported=r.bytes_read))
 """
 
 
-def make_inputs(folder: Path) -> tuple[Path, Path]:
-    """Two SD1.5-shaped fp16 checkpoints with different random weights (about 2.1 GB each)."""
+def make_inputs(folder: Path, count: int = 2) -> list[Path]:
+    """SD1.5-shaped fp16 checkpoints with different random weights (about 2.1 GB each)."""
     import torch
 
     from lib_sdtune.io.safetensors_io import SafetensorsWriter
@@ -75,7 +78,7 @@ def make_inputs(folder: Path) -> tuple[Path, Path]:
     specs = {k: ("F16", s) for k, s in shapes.items()}
     specs[POSITION_IDS] = ("I64", (1, 77))
     paths = []
-    for seed in (1, 2):
+    for seed in range(1, count + 1):
         path = folder / f"sd15_random_{seed}.safetensors"
         gen = torch.Generator().manual_seed(seed)
         with SafetensorsWriter(path, specs, {"bench": "merge"}) as w:
@@ -85,7 +88,7 @@ def make_inputs(folder: Path) -> tuple[Path, Path]:
                 else:
                     w.write(name, torch.randn(specs[name][1], generator=gen).mul_(0.02).half())
         paths.append(path)
-    return paths[0], paths[1]
+    return paths
 
 
 def drop_cache(*paths: Path) -> None:
@@ -100,17 +103,17 @@ def drop_cache(*paths: Path) -> None:
                 os.close(fd)
 
 
-def run_variant(code: str, a: Path, b: Path, out: Path, warm: bool) -> dict:
+def run_variant(code: str, inputs: list[Path], out: Path, method: str, warm: bool) -> dict:
     """One variant in a fresh interpreter; returns its JSON report."""
     out.unlink(missing_ok=True)
     if warm:
-        for p in (a, b):
+        for p in inputs:
             with open(p, "rb", buffering=0) as fh:
                 while fh.read(64 << 20):
                     pass
     else:
-        drop_cache(a, b)
-    script = _PRELUDE.format(root=str(ROOT), a=str(a), b=str(b), out=str(out)) + code
+        drop_cache(*inputs)
+    script = _PRELUDE.format(root=str(ROOT), inputs=tuple(map(str, inputs)), out=str(out), method=method) + code
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"variant failed:\n{res.stderr}")
@@ -124,24 +127,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2, help="runs of each variant, interleaved (median reported)")
     ap.add_argument("--warm", action="store_true", help="inputs in the page cache instead of cold reads")
+    ap.add_argument("--method", default="weighted_sum", help="merge method (default weighted_sum)")
     args = ap.parse_args()
+    from lib_sdtune.merge import get_method
+
+    n_models = get_method(args.method).models
     with tempfile.TemporaryDirectory(dir=os.environ.get("SDTUNE_BENCH_DIR")) as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        a, b = make_inputs(folder)
-        size = a.stat().st_size
-        print(f"inputs: 2 x {size / 1e9:.2f} GB SD1.5-shaped fp16 ({len(json.loads(REFERENCE.read_text())) + 1} "
+        inputs = make_inputs(folder, n_models)
+        size = inputs[0].stat().st_size
+        n_tensors = len(json.loads(REFERENCE.read_text())) + 1
+        print(f"inputs: {n_models} x {size / 1e9:.2f} GB SD1.5-shaped fp16 ({n_tensors} "
               f"tensors each), built in {time.perf_counter() - t0:.0f} s; {'warm' if args.warm else 'cold'} cache, "
               f"{args.repeat} interleaved runs each, median; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
         out = folder / "merged.safetensors"
         runs: dict[str, list[dict]] = {"floor": [], "sdtune": []}
         for _ in range(args.repeat):
-            runs["floor"].append(run_variant(FLOOR, a, b, out, args.warm))
-            runs["sdtune"].append(run_variant(SDTUNE, a, b, out, args.warm))
+            runs["floor"].append(run_variant(FLOOR, inputs, out, args.method, args.warm))
+            runs["sdtune"].append(run_variant(SDTUNE, inputs, out, args.method, args.warm))
         floor_s = statistics.median(r["seconds"] for r in runs["floor"])
         print(f"{'variant':<58} {'wall s':>7} {'ratio':>6} {'CPU s':>6} {'peak RSS MiB':>13} {'read GB':>8}")
-        labels = {"floor": "I/O floor: read A and B (64 MiB chunks), write 1 file, fsync",
-                  "sdtune": "sdtune merge_checkpoints weighted_sum 0.5 -> fp16"}
+        labels = {"floor": f"I/O floor: read {n_models} files (64 MiB chunks), write 1, fsync",
+                  "sdtune": f"sdtune merge_checkpoints {args.method} 0.5 -> fp16"}
         for name, rs in runs.items():
             wall = statistics.median(r["seconds"] for r in rs)
             cpu = statistics.median(r["cpu"] for r in rs)
@@ -149,7 +157,7 @@ def main() -> int:
             read = statistics.median(r["rchar"] for r in rs)
             print(f"{labels[name]:<58} {wall:>7.1f} {wall / floor_s:>5.2f}x {cpu:>6.1f} {rss:>13.0f} "
                   f"{read / 1e9:>8.3f}")
-        print(f"input bytes: {2 * size / 1e9:.3f} GB; all runs (s): "
+        print(f"input bytes: {n_models * size / 1e9:.3f} GB; all runs (s): "
               + "; ".join(f"{k} {[round(r['seconds'], 1) for r in v]}" for k, v in runs.items()))
     return 0
 
