@@ -11,6 +11,7 @@ and stops cleanly when `cancelled()` returns True (a resumable state is written)
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -117,10 +118,25 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, torch.Tensor]) -> None
 
 def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
           cancelled: Optional[Callable[[], bool]] = None, device: Optional[str | torch.device] = None,
-          notes: Optional[list[str]] = None) -> TrainResult:
-    """Run one training job to the end (or until `cancelled()`), writing LoRA files into `output_dir`."""
+          notes: Optional[list[str]] = None, save_on_cancel: bool = False) -> TrainResult:
+    """Run one training job to the end (or until `cancelled()`), writing LoRA files into `output_dir`.
+
+    A cancel lets the current step finish, writes a resumable state (and, with `save_on_cancel`, the
+    adapter as `<name>-step<step>.safetensors`). The GPU memory the run used is given back either way.
+    """
+    try:
+        return _train(cfg, progress, cancelled, device, list(notes or []), save_on_cancel)
+    finally:
+        gc.collect()  # the run's model, adapter and optimizer state are unreachable now
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional[Callable[[], bool]],
+           device: Optional[str | torch.device], notes: list[str], save_on_cancel: bool) -> TrainResult:
+    """The training run itself (see `train`)."""
     cfg.validate()
-    result = TrainResult(notes=list(notes or []))
+    result = TrainResult(notes=notes)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dp = data_parallel_from_env(dev.type)
     if dp.world > 1 and dev.type == "cuda":
@@ -342,6 +358,8 @@ def train(cfg: TrainConfig, *, progress: Optional[ProgressFn] = None,
                 break
             if dp.any_true(cancelled is not None and cancelled(), dev):
                 write_state(f"{cfg.output_name}-state", epoch, batch_index, step)
+                if save_on_cancel:
+                    save_file(step_file(out_dir, cfg.output_name, step), epoch, step)
                 result.cancelled = True
                 break
         if result.cancelled:
