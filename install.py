@@ -37,6 +37,20 @@ def _canon(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
+# distributions that provide the same import as a requirement: installing the plain one beside them would
+# replace the host's GPU build (e.g. onnxruntime over onnxruntime-gpu silently loses CUDA)
+PROVIDED_BY = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                               "onnxruntime-rocm", "onnxruntime-silicon", "onnxruntime-training")}
+
+
+def _installed_as(name: str, installed: dict[str, str]):
+    """The installed version of `name`, or of a distribution that provides it (see PROVIDED_BY)."""
+    for candidate in (name, *PROVIDED_BY.get(name, ())):
+        if candidate in installed:
+            return installed[candidate]
+    return None
+
+
 def installed_versions() -> dict[str, str]:
     """Every installed distribution (canonical name -> version)."""
     out = {}
@@ -76,7 +90,7 @@ def plan(requirements: list[str], installed: dict[str, str]) -> tuple[list[str],
         req = Requirement(line)
         if req.marker is not None and not req.marker.evaluate():
             continue  # e.g. tomli, needed only below Python 3.11
-        have = installed.get(_canon(req.name))
+        have = _installed_as(_canon(req.name), installed)
         if have is None:
             to_install.append(line)
         elif req.specifier and not req.specifier.contains(have, prereleases=True):

@@ -109,3 +109,12 @@ def test_importing_the_pack_root_pulls_in_neither_gradio_nor_comfy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_gpu_build_of_onnxruntime_satisfies_the_onnxruntime_requirement():
+    """Installing plain onnxruntime beside onnxruntime-gpu would silently take CUDA away from the host."""
+    install = _install_module()
+    to_install, _ = install.plan(["onnxruntime>=1.17"], {"onnxruntime-gpu": "1.19.2"})
+    assert to_install == []
+    to_install, _ = install.plan(["onnxruntime>=1.17"], {})
+    assert to_install == ["onnxruntime>=1.17"]
