@@ -230,3 +230,42 @@ def test_strength_and_lbw_parsing():
     assert w12["IN04"] == 0.0 and w12["IN00"] == 1.0 and w12["OUT05"] == 0.0 and w12["OUT06"] == 1.0
     with pytest.raises(SdtuneError, match="blocks"):
         block_weights([1.0] * 5, "sd1", "blocks")
+
+
+def test_ldm_named_sd1_lora_bakes_like_its_sd_scripts_named_twin(tiny_fp32_checkpoints, models, tmp_path):
+    """Older tools name SD1 U-Net modules by the LDM keys (`lora_unet_input_blocks_1_1_proj_in`); A1111 loads them."""
+    ckpt = tiny_fp32_checkpoints["sd1"]
+    net = _network(models("sd1"), LOCON, seed=9)
+    lora = _save(net, tmp_path / "a.safetensors")
+    state, meta = load_lora(lora)
+    renamed = {}
+    for key, t in state.items():
+        name, _, suffix = key.partition(".")
+        target = net.targets[name]
+        if target.component == "unet":
+            name = "lora_unet_" + target.original_key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+        renamed[f"{name}.{suffix}"] = t
+    assert any(k.startswith("lora_unet_input_blocks_") for k in renamed)
+    save_safetensors(renamed, tmp_path / "ldm.safetensors", meta)
+    outs = []
+    for src in (lora, tmp_path / "ldm.safetensors"):
+        outs.append(tmp_path / f"baked-{src.stem}.safetensors")
+        result = bake_loras(BakeConfig(str(ckpt), (LoraInput(str(src)),), str(outs[-1])))
+        assert result.unmatched == {} and result.applied[str(src)] == len(net.names())
+    a, b = SafetensorsFile(outs[0]), SafetensorsFile(outs[1])
+    assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_diffusers_named_sdxl_unet_modules_map_to_the_sgm_layers(tiny_fp32_checkpoints):
+    from lib_sdtune.io.checkpoint import open_checkpoint
+    from lib_sdtune.io.detect import detect_architecture
+    from lib_sdtune.merge.lora_bake import _with_aliases
+    from lib_sdtune.merge.lora_common import checkpoint_name_map
+
+    ckpt = tiny_fp32_checkpoints["sdxl"]
+    shapes = open_checkpoint(ckpt).shapes()
+    names = checkpoint_name_map(shapes, detect_architecture(shapes), ckpt)
+    both = _with_aliases(names)
+    sgm = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    assert both["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"] is names[sgm]
+    assert names[sgm].original_key == "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"

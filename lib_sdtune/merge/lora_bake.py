@@ -3,7 +3,8 @@
 The checkpoint is read one tensor at a time and written by the streaming atomic writer; tensors no
 LoRA touches are written as read (same bytes unless a `dtype` is asked for). LoRA names are mapped to
 original keys by sdtune's name map (OpenCLIP's fused q/k/v by rows), so SD1, SD2 and SDXL (both text
-encoders) bake the same way. Every module of a LoRA that matches no layer is reported, never dropped
+encoders) bake the same way; U-Net names in the other layout hosts accept (LDM for SD1/SD2, diffusers for SDXL)
+are understood too. Every module of a LoRA that matches no layer is reported, never dropped
 silently; a LoRA with no matching module at all, or made for another architecture, is refused.
 """
 
@@ -15,13 +16,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
 from ..errors import SdtuneError
 from ..io.checkpoint import open_checkpoint
-from ..io.detect import ArchInfo, detect_architecture
+from ..io.detect import UNET_PREFIX, ArchInfo, detect_architecture
 from ..io.safetensors_io import SafetensorsWriter, st_dtype_name
 from ..networks.kohya_file import load_lora
 from ..networks.lora_info import check_lora_fits, inspect_lora
@@ -105,7 +106,7 @@ def _plan(config: BakeConfig, arch: ArchInfo, shapes: dict
           ) -> tuple[dict[str, list[_Apply]], dict[str, list[_Apply]], dict[str, int], dict[str, list[str]], list]:
     """Which LoRA modules land on which checkpoint keys (weights, and biases of full diffs)."""
     family = arch.family
-    names = checkpoint_name_map(shapes, arch, config.checkpoint)
+    names = _with_aliases(checkpoint_name_map(shapes, arch, config.checkpoint))
     weights: dict[str, list[_Apply]] = {}
     biases: dict[str, list[_Apply]] = {}
     applied: dict[str, int] = {}
@@ -142,6 +143,20 @@ def _plan(config: BakeConfig, arch: ArchInfo, shapes: dict
                        "strength": lora.strength, "blocks": lora.blocks if lora.blocks is None or
                        isinstance(lora.blocks, str) else [float(v) for v in lora.blocks]})
     return weights, biases, applied, unmatched, record
+
+
+def _with_aliases(names: Mapping[str, LoraTarget]) -> dict[str, LoraTarget]:
+    """sd-scripts' names plus the other U-Net spelling hosts accept: LDM names for SD1/SD2 LoRAs
+    (`lora_unet_input_blocks_1_1_proj_in`, older tools), diffusers names for SDXL ones (diffusers/peft converts)."""
+    out = dict(names)
+    for t in names.values():
+        if t.component != "unet":
+            continue
+        ldm = "lora_unet_" + t.original_key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")
+        diffusers = "lora_unet_" + t.module_path.replace(".", "_")
+        for alias in (ldm, diffusers):
+            out.setdefault(alias, t)
+    return out
 
 
 def _rows(t: LoraTarget, tensor: torch.Tensor) -> torch.Tensor:
