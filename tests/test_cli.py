@@ -10,12 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd=ROOT):
+def run(*args, cwd=ROOT, timeout=300):
     """Run the CLI in a clean environment (no HF_HUB_OFFLINE given: the CLI must set it itself)."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT / ".pytest_cache" / "home"), "PYTHONPATH": str(ROOT),
            "SDTUNE_CACHE_DIR": str(ROOT / ".pytest_cache" / "sdtune")}
     return subprocess.run([sys.executable, "-m", "lib_sdtune", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env=env)
+                          cwd=cwd, timeout=timeout, env=env)
 
 
 def test_help_lists_every_contract_command():
@@ -74,7 +74,7 @@ def test_errors_are_one_paragraph_naming_the_file_and_exit_1(tmp_path):
 
 
 def test_demo_builds_loads_plans_and_trains_the_tiny_model(tmp_path):
-    out = run("demo", "--out", tmp_path / "demo", "--json")
+    out = run("demo", "--out", tmp_path / "demo", "--json", timeout=900)  # it trains: minutes on a busy CPU
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["clean_load"] is True
@@ -83,6 +83,6 @@ def test_demo_builds_loads_plans_and_trains_the_tiny_model(tmp_path):
     assert (tmp_path / "demo" / "dataset" / "train").is_dir()
     assert (tmp_path / "demo" / "plan.toml").is_file()
     trained = result["train"]
-    assert trained["steps"] == 90 and len(trained["losses"]) == 90  # 24 samples / batch 4 x 3 epochs
+    assert trained["steps"] == 60 and len(trained["losses"]) == 60  # 24 samples / batch 4 x 2 epochs
     assert [Path(p).name for p in trained["outputs"]] == ["sdtdemo.safetensors"]
     assert "kept in float32" not in out.stderr

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # what the demo changes in the planned config so a CPU finishes in about a minute (tiny 64 px images)
-DEMO_OVERRIDES = ("resolution=64", "min_bucket_reso=64", "max_bucket_reso=128", "max_train_epochs=3",
+DEMO_OVERRIDES = ("resolution=64", "min_bucket_reso=64", "max_bucket_reso=128", "max_train_epochs=2",
                   "train_batch_size=4")
 
 
