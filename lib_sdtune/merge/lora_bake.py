@@ -27,6 +27,7 @@ from ..io.safetensors_io import SafetensorsWriter, st_dtype_name
 from ..networks.kohya_file import load_lora
 from ..networks.lora_info import check_lora_fits, inspect_lora
 from ..networks.naming import LoraTarget
+from .buffers import BufferPool
 from .lora_common import SAVE_DTYPES, Blocks, block_weights, check_output, checkpoint_name_map, target_slot
 from .lora_delta import LoraModuleParts, group_modules
 from .pipeline import run_pipeline
@@ -168,21 +169,35 @@ def _rows(t: LoraTarget, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _bake_tensor(key: str, tensor: torch.Tensor, weight_updates: list[_Apply], bias_updates: list[_Apply],
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """W + Σ strength·ΔW (ΔW computed against the input W, as hosts apply several LoRAs), cast to out_dtype."""
-    base = tensor.float()
-    total = torch.zeros_like(base)
+                 out_dtype: torch.dtype, pool: BufferPool) -> tuple[torch.Tensor, list[Optional[bytearray]]]:
+    """W + Σ strength·ΔW (each ΔW against the input W, as hosts apply several LoRAs), cast to out_dtype.
+
+    A plain LoRA is added in place by one fused multiply-add (strength and scale folded into `up`), so a
+    large conv costs one pass over its weight; other algorithms build their ΔW first. Work and result
+    tensors live in pooled buffers (returned for release once written): no page faults per tensor.
+    """
+    w, work = pool.empty(tuple(tensor.shape), torch.float32)
+    w.copy_(tensor)
+    base = w.clone() if any(u.module.dora for u in weight_updates) else w  # DoRA's ΔW depends on the input W
     for u in weight_updates:
-        part = _rows(u.target, base)
-        delta = u.module.delta(part.reshape(_shape(u.target, part)), u.strength)
-        _rows(u.target, total).add_(delta.reshape(part.shape))
+        part = _rows(u.target, w)
+        lr = u.module.low_rank()
+        if lr is not None and lr.up.shape[0] == part.shape[0] and lr.down.shape[1] * part.shape[0] == part.numel():
+            part.view(part.shape[0], -1).addmm_(lr.up * (lr.scale * u.strength), lr.down)
+            continue
+        before = _rows(u.target, base)
+        delta = u.module.delta(before.reshape(_shape(u.target, before)), u.strength)
+        part.add_(delta.reshape(part.shape))
     for u in bias_updates:
-        part = _rows(u.target, base)
+        part = _rows(u.target, w)
         db = u.module.delta_bias(u.strength)
         if db is None or db.numel() != part.numel():
             raise SdtuneError(f"{u.module.file}: {u.module.name}.diff_b does not fit {key} {list(part.shape)}")
-        _rows(u.target, total).add_(db.reshape(part.shape))
-    return (base + total).to(out_dtype)
+        part.add_(db.reshape(part.shape))
+    if out_dtype == torch.float32:
+        return w, [work]
+    out, buf = pool.empty(tuple(w.shape), out_dtype)
+    return out.copy_(w), [work, buf]
 
 
 def _shape(t: LoraTarget, part: torch.Tensor) -> tuple[int, ...]:
@@ -215,18 +230,20 @@ def bake_loras(config: BakeConfig, progress: Optional[Progress] = None,
     metadata[BAKED_KEY] = json.dumps({"checkpoint": Path(config.checkpoint).name, "loras": record},
                                      separators=(",", ":"))
 
-    def compute(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    pool = BufferPool()
+
+    def compute(key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, list[Optional[bytearray]]]:
         if key in weights or key in biases:
-            return _bake_tensor(key, tensor, weights.get(key, []), biases.get(key, []), out_dtype(key))
+            return _bake_tensor(key, tensor, weights.get(key, []), biases.get(key, []), out_dtype(key), pool)
         dtype = out_dtype(key)
-        return tensor if tensor.dtype == dtype else tensor.to(dtype)
+        return (tensor if tensor.dtype == dtype else tensor.to(dtype)), []
 
     def on_done(n: int, key: str) -> None:
         if progress is not None:
             progress(n, len(keys), key)
 
     with SafetensorsWriter(output, specs, metadata) as writer:
-        run_pipeline(keys, source.__getitem__, compute, writer.write, cancelled=cancelled, on_done=on_done,
-                     threaded=threaded)
+        run_pipeline(keys, source.__getitem__, compute, lambda k, c: writer.write(k, c[0]), cancelled=cancelled,
+                     on_done=on_done, after_write=lambda k, t, c: pool.release(c[1]), threaded=threaded)
     return BakeResult(output, arch.architecture, len(keys), len(set(weights) | set(biases)), applied, unmatched,
                       time.perf_counter() - started)
