@@ -104,6 +104,8 @@ def _register_extract(lsub: argparse._SubParsersAction) -> None:
     p.add_argument("--svd", choices=("exact", "randomized"), default="exact",
                    help="exact SVD, or a randomized one (much faster, slightly less exact)")
     p.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads for the SVDs (default: torch's; 1 is often faster when "
+                                               "other programs keep the cores busy)")
     _common(p, "fp16", "output dtype (default fp16)")
     p.set_defaults(func=run_extract)
 
@@ -218,7 +220,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
     config = ExtractConfig(args.base, args.tuned, args.output, rank=args.rank, conv_rank=args.conv_rank,
                            clamp_quantile=args.clamp_quantile, min_diff=args.min_diff, svd=args.svd,
-                           device=args.device, dtype=args.dtype, overwrite=args.overwrite)
+                           device=args.device, threads=args.threads, dtype=args.dtype, overwrite=args.overwrite)
     result = _run(args, "extract", lambda progress: extract_lora(config, progress=progress))
     te = (f"text encoder kept (max |diff| {result.te_max_diff:.4g})" if result.te_kept else
           f"text encoder unchanged (max |diff| {result.te_max_diff:.4g} <= {args.min_diff:g}): U-Net only")

@@ -56,6 +56,7 @@ class ExtractConfig:
     svd: str = "exact"  # exact | randomized
     niter: int = 2  # power iterations of the randomized SVD
     device: str = "cpu"  # where the SVDs run (cuda is much faster for large ranks)
+    threads: Optional[int] = None  # torch CPU threads for the SVDs (None: torch's default); 1 on a busy machine
     dtype: str = "fp16"
     overwrite: bool = False
 
@@ -113,6 +114,17 @@ def _rows(t: LoraTarget, w: torch.Tensor) -> torch.Tensor:
 def extract_lora(config: ExtractConfig, progress: Optional[Progress] = None,
                  cancelled: Optional[Callable[[], bool]] = None) -> ExtractResult:
     """Extract `config.tuned - config.base` as a kohya LoRA in `config.output`; see ExtractConfig."""
+    before = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(max(1, config.threads))
+    try:
+        return _extract(config, progress, cancelled)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _extract(config: ExtractConfig, progress: Optional[Progress], cancelled: Optional[Callable[[], bool]]
+             ) -> ExtractResult:
     started = time.perf_counter()
     output = _validate(config)
     base, tuned = open_checkpoint(config.base), open_checkpoint(config.tuned)
