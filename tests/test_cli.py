@@ -83,6 +83,6 @@ def test_demo_builds_loads_plans_and_trains_the_tiny_model(tmp_path):
     assert (tmp_path / "demo" / "dataset" / "train").is_dir()
     assert (tmp_path / "demo" / "plan.toml").is_file()
     trained = result["train"]
-    assert trained["steps"] == 60 and len(trained["losses"]) == 60  # 24 samples / batch 4 x 2 epochs
-    assert [Path(p).name for p in trained["outputs"]] == ["sdtdemo.safetensors"]
+    assert trained["steps"] == 60 and len(trained["losses"]) == 60  # 12 images x 10 repeats / batch 8 x 4 epochs
+    assert [Path(p).name for p in trained["outputs"]] == ["sdtdemo-000002.safetensors", "sdtdemo.safetensors"]
     assert "kept in float32" not in out.stderr

@@ -36,6 +36,7 @@ def test_two_processes_train_identical_adapters_and_only_the_first_writes(tiny_c
     result = json.loads(out.stdout)
     assert result["steps"] == 4 and result["epochs"] == 2  # 2 batches per process per epoch
     assert any("2 data-parallel processes ended with identical adapter weights" in n for n in result["notes"])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ddp-config.json", "ddp.safetensors"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["ddp-config.json", "ddp-log.json", "ddp-loss.png", "ddp.safetensors"]  # no rank-1 files
     sd, meta = load_lora(tmp_path / "out" / "ddp.safetensors")
     assert meta["ss_steps"] == "4" and sd

@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # what the demo changes in the planned config so a CPU finishes in about a minute (tiny 64 px images)
-DEMO_OVERRIDES = ("resolution=64", "min_bucket_reso=64", "max_bucket_reso=128", "max_train_epochs=2",
-                  "train_batch_size=4")
+DEMO_OVERRIDES = ("resolution=64", "min_bucket_reso=64", "max_bucket_reso=128", "max_train_epochs=4",
+                  "train_batch_size=8", "lr_warmup_steps=0.1")
 
 
 def _plan_and_train(dataset_dir: Path, model: Path, out: Path, lines: list[str], result: dict) -> bool:
