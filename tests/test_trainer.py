@@ -100,6 +100,24 @@ def test_each_family_and_algorithm_trains_a_few_steps(tiny_checkpoints, tmp_path
         assert meta["modelspec.prediction_type"] == "v"
 
 
+@pytest.mark.parametrize("optimizer, lr, args", [
+    ("AdamW", 1e-3, ["weight_decay=0.01", "betas=0.9,0.99"]), ("Lion", 3e-4, []), ("SGDNesterov", 1e-2, []),
+    ("Prodigy", 1.0, []), ("DAdaptAdam", 1.0, []), ("AdaFactor", 1e-3, ["relative_step=False"]),
+    ("AdamWScheduleFree", 1e-3, []),
+])
+def test_each_optimizer_that_runs_on_cpu_trains(tiny_checkpoints, tmp_path, optimizer, lr, args):
+    pytest.importorskip({"Lion": "lion_pytorch", "Prodigy": "prodigyopt", "DAdaptAdam": "dadaptation",
+                         "AdamWScheduleFree": "schedulefree"}.get(optimizer, "torch"))
+    data = _dataset(tmp_path / "ds", n=2)
+    cfg = _config(tiny_checkpoints["sd1"], data, tmp_path / "out", max_train_steps=3, optimizer_type=optimizer,
+                  optimizer_args=args, learning_rate=lr, unet_lr=lr, text_encoder_lr=lr)
+    result = train(cfg)
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    _, meta = load_lora(result.outputs[-1])
+    cls = {"SGDNesterov": "SGD", "AdaFactor": "Adafactor"}.get(optimizer, optimizer)
+    assert meta["ss_optimizer"].split("(")[0].endswith("." + cls), meta["ss_optimizer"]
+
+
 def test_loss_falls_on_a_learnable_toy_task(tiny_fp32_checkpoints, tmp_path):
     """Identical images and captions, half held out: the validation loss (fixed noise and timesteps) drops."""
     data = _dataset(tmp_path / "ds", n=8)
@@ -175,6 +193,7 @@ def test_toml_sections_flatten_gui_json_maps_and_overrides_apply(tmp_path):
         apply_overrides(gui, ["nonsense=1"])
 
 
+@pytest.mark.compat
 def test_cli_train_writes_files_and_json(tiny_checkpoints, tmp_path, capsys):
     data = _dataset(tmp_path / "ds", n=2)
     (tmp_path / "t.toml").write_text(

@@ -17,9 +17,10 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -199,6 +200,7 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
     opt = build_optimizer(cfg.optimizer_type, groups.groups, cfg.learning_rate, cfg.optimizer_args,
                           device_type=dev.type)
     result.notes += opt.warnings
+    opt.train_mode()  # schedule-free optimizers: eval mode only around saving, sampling and validation
     batches_per_process = math.ceil(data.batches_per_epoch / dp.world)
     steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
     if cfg.max_train_epochs:
@@ -236,7 +238,8 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
             return
         meta = {} if cfg.no_metadata else training_metadata(run, epoch, step)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.save_precision or "", torch.float32)
-        save_lora(network, path, metadata=meta, dtype=dtype, v_pred=v_pred)
+        with _optimizer_eval(opt):
+            save_lora(network, path, metadata=meta, dtype=dtype, v_pred=v_pred)
         result.outputs.append(path)
 
     def write_state(name: str, epoch: int, batch_index: int, step: int) -> Path:
@@ -254,6 +257,7 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
         if not prompts:
             return
         network.eval()
+        opt.eval_mode()
         for m in [unet, *(mods[n] for n in te_names)]:
             m.eval()
         try:
@@ -264,6 +268,7 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
                 cfg.sample_sampler, seed)
         finally:
             network.train()
+            opt.train_mode()
             if cfg.gradient_checkpointing:
                 unet.train()
                 for n in te_names if trains_te else []:
@@ -366,7 +371,8 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
             break
         val = None
         if run_data.validation is not None and _validate_now(cfg, epoch, num_epochs):
-            val = _validation_loss(run_data, vae, text, unet, noise_sched, cfg, prediction, prec, dev, scaling)
+            with _optimizer_eval(opt):
+                val = _validation_loss(run_data, vae, text, unet, noise_sched, cfg, prediction, prec, dev, scaling)
             result.validation_losses.append((epoch, val))
         if dp.is_main:
             run_log.end_epoch(epoch, val)
@@ -397,6 +403,16 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
                             f"(checksum {checksum})")
     network.remove()
     return result
+
+
+@contextmanager
+def _optimizer_eval(opt: Any) -> Iterator[None]:
+    """Schedule-free optimizers hold the averaged weights only in eval mode: use them for files and checks."""
+    opt.eval_mode()
+    try:
+        yield
+    finally:
+        opt.train_mode()
 
 
 def _cast_quietly(module: torch.nn.Module, dtype: torch.dtype) -> None:
