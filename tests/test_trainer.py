@@ -172,6 +172,10 @@ def test_bad_settings_fail_before_training(tiny_checkpoints, tmp_path):
         _config(tiny_checkpoints["sd1"], data, tmp_path, save_model_as="ckpt").validate()
     with pytest.raises(SdtuneError, match="train_data_dir"):
         TrainConfig(pretrained_model_name_or_path="x.safetensors").validate()
+    with pytest.raises(SdtuneError, match="separate VAE"):
+        _config(tiny_checkpoints["sd1"], data, tmp_path, vae="vae.safetensors").validate()
+    with pytest.raises(SdtuneError, match="max_train_epochs or max_train_steps"):
+        _config(tiny_checkpoints["sd1"], data, tmp_path, max_train_steps=0).validate()
 
 
 def test_toml_sections_flatten_gui_json_maps_and_overrides_apply(tmp_path):

@@ -175,6 +175,12 @@ class TrainConfig:
                               "need 0 <= min < max <= 1000")
         if self.full_fp16 and self.mixed_precision != "fp16" or self.full_bf16 and self.mixed_precision != "bf16":
             raise SdtuneError("full_fp16/full_bf16 need the matching mixed_precision (fp16/bf16)")
+        if self.vae:
+            raise SdtuneError(f"vae = {self.vae!r}: training with a separate VAE file is not supported by sdtune yet; "
+                              "remove the setting to use the checkpoint's own VAE (or bake the VAE in with "
+                              "`merge --vae`)")
+        if not self.max_train_epochs and not self.max_train_steps:
+            raise SdtuneError("max_train_epochs or max_train_steps must be set (sd-scripts' default is 1600 steps)")
         if self.fp8_base:
             raise SdtuneError("fp8_base is not supported by sdtune yet: use mixed_precision bf16 (or fp16) with "
                               "gradient_checkpointing = true to save memory")
