@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..errors import SdtuneError
-from . import demo_cmd, lora_cmd, merge_cmd, model_cmd, pending, plan_cmd, tag_cmd, train_cmd, ui_cmd
+from . import demo_cmd, lora_cmd, merge_cmd, model_cmd, pending, plan_cmd, repair_cmd, tag_cmd, train_cmd, ui_cmd
 
 EXIT_ERROR = 1
 EXIT_NOT_BUILT = 2
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.register(sub)
     lora_cmd.register(sub)
     merge_cmd.register(sub)
+    repair_cmd.register(sub)
     ui_cmd.register(sub)
     tag_cmd.register(sub)
     plan_cmd.register(sub)

@@ -1,0 +1,132 @@
+"""`repair ...`: text-encoder override/blend for checkpoints, LoRA TE surgery; diagnosis is not built yet."""
+
+from __future__ import annotations
+
+import argparse
+
+from .lora_cmd import _blocks, _run
+from .pending import not_built
+
+ISSUE = 7
+TE_CHOICES = ("1", "2", "both")
+TE_HELP = "SDXL: which text encoder(s), 1 (CLIP-L), 2 (OpenCLIP bigG) or both (default)"
+EPILOG = """An over-fitted model (tags stop working, odd details, thick lines) is usually repaired in one of these ways:
+  te-override   its text encoder(s) replaced by a normal model's (the TE over-fits first)
+  te-blend      its text encoder(s) mixed back toward a normal model's, at --alpha (per layer with --layers)
+  lora-te       a LoRA's text-encoder part removed (--strip) or weakened (--scale), U-Net blocks scaled (LBW)
+  merge back    the whole model toward its base (or another model): that is `merge` with weighted_sum, e.g.
+                python -m lib_sdtune merge TUNED.safetensors BASE.safetensors --alpha 0.3 -o OUT.safetensors
+                (--te-alpha / --unet-alpha / --blocks give per-part ratios; see `merge --help`)
+  an earlier epoch: use the run's earlier file (`repair pick-epoch` will rank them; not built yet)
+
+Every tool writes a new file (atomically) and never touches its inputs."""
+
+LBW_HELP = ("U-Net block weights of the LoRA: 17 (SD) or 12 (SDXL) values as the LoRA Block Weight extension "
+            "writes them, 26 (BASE,IN00..IN11,MID,OUT00..OUT11) / 20 (SDXL), or a preset name; BASE multiplies the "
+            "text-encoder part too")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("repair", help="over-fit repair: TE override/blend, LoRA TE surgery (diagnosis not built yet)",
+                       description="Repair over-fitted checkpoints and LoRAs.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    rsub = p.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    _register_te(rsub, "te-override", "a checkpoint with another model's text encoder(s)",
+                 "Write MODEL with the text encoder(s) of DONOR, copied bit for bit; every other tensor of MODEL is "
+                 "copied bit for bit. Both must be the same architecture (SD1.x, SD2.x or SDXL).")
+    _register_te(rsub, "te-blend", "a checkpoint whose text encoder(s) are mixed with another model's",
+                 "Write MODEL with TE = (1-alpha)*MODEL.TE + alpha*DONOR.TE (position_ids never mixed); every "
+                 "other tensor of MODEL is copied bit for bit.")
+    _register_lora(rsub)
+    for name, what in (("diagnose", "over-fit report (JSON, text, PNG)"), ("pick-epoch", "rank a run's epoch files")):
+        q = rsub.add_parser(name, help=f"{what} (not built yet)",
+                            description=f"{what}. Not built yet in this version (issue #{ISSUE}).")
+        q.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        q.set_defaults(func=not_built, issue=ISSUE)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _register_te(rsub: argparse._SubParsersAction, name: str, help_text: str, description: str) -> None:
+    p = rsub.add_parser(name, help=help_text, description=description)
+    p.add_argument("--model", required=True, metavar="M", help="the checkpoint to repair")
+    p.add_argument("--donor", required=True, metavar="D", help="the checkpoint whose text encoder(s) to use")
+    if name == "te-blend":
+        p.add_argument("--alpha", type=float, required=True, help="donor share: 0 keeps M's TE, 1 takes D's")
+        p.add_argument("--layers", action="append", default=[], metavar="V1,...",
+                       help="per-layer alphas of one encoder (12 CLIP-L, 23/24 SD2, 32 SDXL TE2); repeat per "
+                            "encoder; keys outside the layers use --alpha")
+    p.add_argument("--te", choices=TE_CHOICES, default="both", help=TE_HELP)
+    p.add_argument("--position-ids", choices=("reset", "keep"), default="reset" if name == "te-override" else "keep",
+                   help="CLIP position_ids: reset to 0..76 (int64) or keep M's exactly (default: "
+                        f"{'reset' if name == 'te-override' else 'keep'})")
+    _common(p)
+    p.set_defaults(func=run_te)
+
+
+def _register_lora(rsub: argparse._SubParsersAction) -> None:
+    p = rsub.add_parser("lora-te", help="strip or scale a LoRA's text-encoder part, scale U-Net blocks",
+                        description="Write a new LoRA/LyCORIS file with the text-encoder modules removed (--strip) "
+                                    "or their update multiplied by X (--scale; alpha is kept), and optionally each "
+                                    "U-Net block's update multiplied by its LBW value. sshs_* hashes are "
+                                    "recomputed; the input file is never changed.")
+    p.add_argument("--lora", required=True, metavar="L", help="the LoRA/LyCORIS .safetensors file")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--strip", action="store_true", help="remove the text-encoder modules")
+    how.add_argument("--scale", type=float, metavar="X", help="multiply the text-encoder update by X")
+    p.add_argument("--unet-blocks", metavar="LBW", help=LBW_HELP)
+    p.add_argument("--te", choices=TE_CHOICES, default="both", help=TE_HELP)
+    _common(p)
+    p.set_defaults(func=run_lora_te)
+
+
+def _layers(texts: list[str]) -> tuple[tuple[float, ...], ...]:
+    from ..errors import SdtuneError
+
+    try:
+        return tuple(tuple(float(v) for v in t.split(",") if v.strip()) for t in texts)
+    except ValueError:
+        raise SdtuneError(f"--layers: expected comma-separated numbers, got {texts!r}") from None
+
+
+def run_te(args: argparse.Namespace) -> int:
+    from ..repair import TeBlendConfig, TeOverrideConfig, blend_te, override_te
+    from . import emit
+
+    if args.subcommand == "te-override":
+        config = TeOverrideConfig(args.model, args.donor, args.output, te=args.te, position_ids=args.position_ids,
+                                  overwrite=args.overwrite)
+        result = _run(args, "te-override", lambda progress: override_te(config, progress=progress))
+    else:
+        config = TeBlendConfig(args.model, args.donor, args.output, alpha=args.alpha, layers=_layers(args.layers),
+                               te=args.te, position_ids=args.position_ids, overwrite=args.overwrite)
+        result = _run(args, "te-blend", lambda progress: blend_te(config, progress=progress))
+    how = "from the donor" if args.subcommand == "te-override" else f"blended at alpha {args.alpha:g}"
+    lines = [f"wrote {result.output}",
+             f"  {result.architecture}: text encoder {'+'.join(result.encoders)} {how} ({result.te_tensors} tensors), "
+             f"{result.tensors - result.te_tensors} other tensors copied bit for bit, {result.seconds:.1f} s"]
+    emit(result.to_dict(), args.json, "\n".join(lines))
+    return 0
+
+
+def run_lora_te(args: argparse.Namespace) -> int:
+    from ..repair import LoraTeConfig, repair_lora_te
+    from . import emit
+
+    blocks = _blocks(args.unet_blocks) if args.unet_blocks is not None else None
+    config = LoraTeConfig(args.lora, args.output, strip=args.strip, scale=args.scale, unet_blocks=blocks, te=args.te,
+                          overwrite=args.overwrite)
+    result = _run(args, "lora-te", lambda progress: repair_lora_te(config, progress=progress))
+    lines = [f"wrote {result.output}",
+             f"  {result.te_modules} text-encoder modules: {result.stripped} stripped; {len(result.scaled)} modules "
+             f"scaled, {result.seconds:.1f} s"]
+    if result.unplaced:
+        lines.append(f"  {len(result.unplaced)} U-Net modules are in no LBW block and were left as they were, e.g. "
+                     f"{result.unplaced[0]}")
+    emit(result.to_dict(), args.json, "\n".join(lines))
+    return 0
