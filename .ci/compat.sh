@@ -25,7 +25,8 @@ host_packages() {
   esac
 }
 
-for host in ${COMPAT_HOSTS:-a1111 forge}; do
+run_host() {
+  local host=$1 start venv out
   start=$(date +%s)
   venv="$ROOT/$host"
   rm -rf "$venv"
@@ -41,4 +42,19 @@ for host in ${COMPAT_HOSTS:-a1111 forge}; do
     | tr '\n' ' '; echo
   "$venv/bin/python" -m pytest -q -m compat -p no:cacheprovider
   echo "compat[$host]: done in $(( $(date +%s) - start )) s"
+}
+
+# the hosts run side by side (their venv builds and pip runs are mostly I/O); each logs to its own file
+pids=()
+for host in ${COMPAT_HOSTS:-a1111 forge}; do
+  ( run_host "$host" ) > "$ROOT/$host.log" 2>&1 &
+  pids+=("$!")
 done
+status=0
+i=0
+for host in ${COMPAT_HOSTS:-a1111 forge}; do
+  wait "${pids[$i]}" || status=1
+  cat "$ROOT/$host.log"
+  i=$((i + 1))
+done
+exit $status
