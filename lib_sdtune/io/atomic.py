@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Persist a rename in `folder` (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -48,7 +48,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
             with contextlib.suppress(OSError):
                 os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from ..io.atomic import _pid_alive
+from ..io.atomic import _pid_alive, fsync_dir
 
 SMALL_BATCH = 16  # up to this many files, fsync each one (cheaper than flushing the whole file system)
 THREADS = 4  # folders written at once
@@ -47,20 +47,6 @@ def _sync_all(folders: set[str]) -> bool:
     for folder in folders:
         devices.setdefault(os.stat(folder).st_dev, folder)
     return all(_syncfs(Path(folder)) for folder in devices.values())
-
-
-def _fsync_dir(folder: str) -> None:
-    """Persist renames in `folder` (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_stale_batch_temps(folder: str, names: set[str]) -> None:
@@ -118,7 +104,7 @@ def _rename_all(f: _Folder) -> None:
         else:
             os.replace(os.path.join(f.path, tmp_name), target)
             f.renamed += 1
-    _fsync_dir(f.path)
+    fsync_dir(f.path)
 
 
 def _each(folders: list[_Folder], fn, *args) -> None:
