@@ -203,10 +203,7 @@ NO_EFFECT = {"xformers", "sdpa", "mem_eff_attn", "lowram", "highvram", "persiste
              "log_with", "log_prefix", "log_tracker_name", "wandb_run_name", "console_log_level",
              "max_data_loader_workers", "vae_batch_size", "skip_cache_check", "huggingface_repo_id"}
 # kohya_ss GUI JSON names -> sd-scripts names
-GUI_KEYS = {"optimizer": "optimizer_type", "epoch": "max_train_epochs", "train_batch_size": "train_batch_size",
-            "max_resolution": "resolution", "LoRA_type": None, "text_encoder_lr": "text_encoder_lr",
-            "stop_text_encoder_training": None, "lr_warmup": None, "optimizer_args": "optimizer_args",
-            "network_args": "network_args"}
+GUI_KEYS = {"optimizer": "optimizer_type", "epoch": "max_train_epochs", "max_resolution": "resolution"}
 _GUI_LORA_TYPES = {"Standard": ("networks.lora", None), "Kohya LoCon": ("networks.lora", None),
                    "LoCon": ("lycoris.kohya", "locon"), "LyCORIS/LoCon": ("lycoris.kohya", "locon"),
                    "LyCORIS/LoHa": ("lycoris.kohya", "loha"), "LyCORIS/LoKr": ("lycoris.kohya", "lokr"),
@@ -285,7 +282,7 @@ def _from_gui_json(data: Mapping[str, Any], source: str) -> tuple[TrainConfig, l
             if algo:
                 values.setdefault("network_args", [])
                 values["_algo"] = algo
-        elif key in GUI_KEYS and GUI_KEYS[key]:
+        elif key in GUI_KEYS:
             values[GUI_KEYS[key]] = value
         elif key in _FIELDS:
             values[key] = value
