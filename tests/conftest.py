@@ -62,3 +62,17 @@ def tiny_fp32_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> LazyTinyC
     import torch
 
     return LazyTinyCheckpoints(tmp_path_factory.mktemp("tiny_fp32_checkpoints"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32_models(tiny_fp32_checkpoints):
+    """arch -> the fp32 tiny checkpoint loaded once per test module (for tests that only wrap its layers)."""
+    from lib_sdtune.models.loader import load_checkpoint
+
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = load_checkpoint(tiny_fp32_checkpoints[arch])
+        return cache[arch]
+    return get

@@ -31,15 +31,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def models(tiny_fp32_checkpoints):
+def models(tiny_fp32_models):
     """arch -> the fp32 tiny checkpoint loaded once (networks wrap it without changing its weights)."""
-    cache: dict = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = load_checkpoint(tiny_fp32_checkpoints[arch])
-        return cache[arch]
-    return get
+    return tiny_fp32_models
 
 
 def _network(model, config: LoraConfig, seed: int) -> LoraNetwork:
