@@ -402,3 +402,12 @@ def test_cli_plan_error_is_one_paragraph(tmp_path, capsys):
     assert main(["plan", str(tmp_path / "missing"), "--vram", "8"]) == 1
     err = capsys.readouterr().err
     assert "no such folder" in err and err.count("\n") == 1
+
+
+def test_a_face_turns_the_plan_into_a_train_config_with_its_choices_on_top(ds12):
+    p = plan(ds12, family="sd1", vram_gb=8)
+    cfg, _ = p.train_config({"network_dim": 4, "max_train_epochs": 2}, "the Train tab")
+    assert cfg.network_dim == 4 and cfg.max_train_epochs == 2
+    assert cfg.train_batch_size == p.config["train_batch_size"] and cfg.optimizer_type == "AdamW8bit"
+    with pytest.raises(SdtuneError, match="the Train tab: unknown setting 'rank'"):
+        p.train_config({"rank": 4}, "the Train tab")

@@ -20,6 +20,7 @@ from ..data.buckets import plan_buckets
 from ..data.scan import DatasetScan, scan_dataset_config, scan_folder, scan_path
 from ..data.toml_config import folder_mode_templates, split_train_args
 from ..errors import SdtuneError
+from .config import TrainConfig, config_from_dict
 from .planner_dataset import DatasetFacts, PlanWarning, dataset_facts, dataset_warnings, find_dataset_root
 from .planner_rules import METHODS, PlanFacts, decide, keys_in_order, optimizer_family
 from .planner_toml import to_toml, write_toml
@@ -117,6 +118,11 @@ class TrainingPlan:
         return (f"sdtune plan for {self.dataset} ({self.model.architecture}, {self.method}, "
                 f"{_device_text(self.vram_gb)}): {self.steps.epochs} epochs, {self.steps.total_steps} steps.\n"
                 "sd-scripts train_network.py argument names; `python -m lib_sdtune train THIS_FILE` runs it.")
+
+    def train_config(self, overrides: Optional[dict[str, Any]] = None, source: str = "the plan"
+                     ) -> tuple[TrainConfig, list[str]]:
+        """The plan as a TrainConfig, with a face's choices (sd-scripts names, e.g. network_dim) on top."""
+        return config_from_dict({**self.config, **(overrides or {})}, source)
 
     def to_toml(self) -> str:
         """The config as TOML, each value with its reason as a comment."""
