@@ -67,3 +67,22 @@ def test_errors_become_readable_text():
     sa, sb = runner.wait(a.id, 5), runner.wait(b.id, 5)
     assert sa.state == "failed" and sa.error == "model.safetensors: not a checkpoint"
     assert sb.state == "failed" and sb.error == "KeyError: 'missing'" and sb.log[-1].startswith("Error:")
+
+
+def test_the_ui_status_line_follows_a_job_to_its_end():
+    from lib_sdtune.webui.jobs_view import follow, job_status, start_job
+
+    runner = JobRunner()
+
+    def work(ctx):
+        ctx.progress(3, 6, {"loss": 0.123456, "it/s": 2.0})
+        threading.Event().wait(0.05)
+        return "ok"
+
+    job, err = start_job(runner, "merge", work)
+    lines = [job_status(s) for s in follow(job, interval=0.01)]
+    assert err is None and lines[-1].startswith("Done: merge | 3/6 (50%) | loss 0.1235, it/s 2")
+    blocker, _ = start_job(runner, "train", lambda ctx: threading.Event().wait(0.2))
+    second, err = start_job(runner, "merge", lambda ctx: None)
+    assert second is None and err.startswith("Error: 'train' is still running")
+    runner.wait(blocker.id, 5)

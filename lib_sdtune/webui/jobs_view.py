@@ -1,0 +1,58 @@
+"""How a panel shows a background job: start it (or say why not), then follow it with a status line.
+
+Gradio generator handlers (they work from gradio 3.41 to 6 with the queue on) call `follow` and yield the
+status after each poll, so progress stays live without gr.Timer (absent in A1111's gradio 3.41).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from ..errors import SdtuneError
+from ..jobs import Job, JobContext, JobRunner, JobSnapshot
+
+POLL_SECONDS = 0.5
+
+
+def start_job(jobs: JobRunner, title: str, fn: Callable[[JobContext], Any], uses_gpu: bool = True
+              ) -> tuple[Optional[Job], Optional[str]]:
+    """Start a job; (job, None), or (None, readable reason) when another GPU job holds the GPU."""
+    try:
+        return jobs.start(title, fn, uses_gpu=uses_gpu), None
+    except SdtuneError as e:
+        return None, f"Error: {e}"
+
+
+def follow(job: Job, interval: float = POLL_SECONDS) -> Iterator[JobSnapshot]:
+    """Snapshots of the job every `interval` seconds while it runs, then its final one."""
+    while True:
+        snap = job.snapshot()
+        yield snap
+        if not snap.running:
+            return
+        time.sleep(interval)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def job_status(snap: JobSnapshot) -> str:
+    """One line for people: what runs, how far, the latest figures, or how it ended."""
+    if snap.state == "failed":
+        return f"Error: {snap.error}"
+    head = {"running": "Running", "done": "Done", "cancelled": "Stopped"}[snap.state]
+    parts = [f"{head}: {snap.title}"]
+    if snap.total:
+        parts.append(f"{snap.done}/{snap.total} ({snap.fraction:.0%})")
+    figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in snap.info.items()
+                        if isinstance(v, (int, float, str)))
+    if figures:
+        parts.append(figures)
+    if snap.message:
+        parts.append(snap.message)
+    parts.append(f"elapsed {_clock(snap.elapsed)}")
+    return " | ".join(parts)
