@@ -16,6 +16,7 @@ from .tools_common import (
     LORA_EXTS,
     Update,
     checkpoint_output_roots,
+    devices,
     guarded,
     listed,
     lora_output_roots,
@@ -188,12 +189,6 @@ def run_extract(ctx: UiContext, base: Optional[str], tuned: Optional[str], rank,
                        describe_extract, uses_gpu=config.device != "cpu")
 
 
-def _devices() -> list[str]:
-    import torch
-
-    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-
-
 def build_lora_panel(gr, ctx: UiContext) -> None:
     """Add the LoRA tools panel's components and events to the current gradio Blocks context."""
     folders = ctx.folders
@@ -297,7 +292,7 @@ def build_lora_panel(gr, ctx: UiContext) -> None:
                 ex_min = gr.Textbox(value="0.01", label="Keep the text encoder if it differs by more than")
             with gr.Row():
                 ex_svd = gr.Radio(choices=["exact", "randomized"], value="exact", label="SVD")
-                ex_device = gr.Radio(choices=_devices(), value="cpu", label="Device")
+                ex_device = gr.Radio(choices=devices(), value="cpu", label="Device")
             ex_out, ex_over = output_row("extract", "extracted.safetensors", lora_roots)
             ex_run, *ex_outs = actions("extract", "Extract")
             wire(ex_run, run_extract, [ex_base, ex_tuned, ex_rank, ex_conv, ex_clamp, ex_min, ex_svd, ex_device,

@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from ..errors import SdtuneError
 from ..host import confine, resolve_listed
-from ..merge.pipeline import MergeCancelled
 from .context import UiContext
 from .jobs_view import follow, job_status, start_job
 
@@ -95,12 +94,13 @@ def subfolders(roots: Iterable[Path]) -> list[str]:
 def run_job(ctx: UiContext, title: str, work: Callable[[Any], Any], describe: Callable[[Any], str],
             uses_gpu: bool = False) -> Iterator[Update]:
     """Run `work(job_context)` as a background job, yielding its status line until it ends, then the
-    result described for people. A core call that stops at the user's request ends the job as "Stopped"."""
+    result described for people. A core call that stops at the user's request (it raises its "cancelled;
+    nothing was written" error) ends the job as "Stopped", not as an error."""
 
     def body(jc):
         try:
             return work(jc)
-        except MergeCancelled:
+        except SdtuneError:
             if jc.cancelled():
                 return None
             raise
@@ -131,6 +131,24 @@ def guarded(handler: Callable[..., Iterator[Update]]) -> Callable[..., Iterator[
     run.__name__ = run.__qualname__ = handler.__name__
     run.__doc__ = handler.__doc__
     return run
+
+
+def listed_folder(name: Optional[str], roots: Iterable[Path], what: str) -> str:
+    """The folder a dropdown entry (or a typed relative path) names, confined to `roots`."""
+    roots = [Path(r) for r in roots]
+    if not name or not str(name).strip():
+        raise SdtuneError(f"{what}: choose a folder first")
+    for root in roots:
+        if (root / name).is_dir():
+            return str(confine(root / name, roots, what))
+    raise SdtuneError(f"{name}: no such {what} folder in {', '.join(str(r) for r in roots)}")
+
+
+def devices() -> list[str]:
+    """The devices a tool may run on here: cpu, and cuda when torch sees one."""
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def stop(ctx: UiContext, job_id: Optional[int]) -> str:
