@@ -8,8 +8,9 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..lib_sdtune.errors import SdtuneError
-from ..lib_sdtune.models.inspect import format_model_info, inspect_model
+from lib_sdtune.models.inspect import format_model_info, inspect_model
+
+from .shared import core_errors, model_list
 
 
 class SdtuneModelInfo(io.ComfyNode):
@@ -24,7 +25,7 @@ class SdtuneModelInfo(io.ComfyNode):
             description="Architecture (sd1/sd2/sd2-v/sdxl/sdxl-refiner), parameter counts, dtype and the hashes "
                         "A1111/Civitai show; with load_check, loads every component and lists key mismatches.",
             inputs=[
-                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints")),
+                io.Combo.Input("ckpt_name", options=model_list("checkpoints"), tooltip="the checkpoint to inspect"),
                 io.Boolean.Input("load_check", default=False, tooltip="load every component and report keys"),
             ],
             outputs=[io.String.Output(display_name="report_json")],
@@ -39,8 +40,6 @@ class SdtuneModelInfo(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name: str, load_check: bool) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        try:
+        with core_errors():
             info = inspect_model(path, load=load_check)
-        except SdtuneError as e:  # ComfyUI would name the pack's on-disk module path as the error type
-            raise ValueError(str(e)) from e
         return io.NodeOutput(json.dumps(info.to_dict(), indent=2), ui=ui.PreviewText(format_model_info(info)))
