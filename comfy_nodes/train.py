@@ -105,14 +105,14 @@ class SdtuneTrainLora(io.ComfyNode):
                 io.Boolean.Input("resume", default=False,
                                  tooltip="continue the newest run of this name that was stopped with Cancel "
                                          "(same settings), instead of starting a new one"),
-                io.Model.Input("model", optional=True,
-                               tooltip="optional: the same checkpoint's MODEL, to come out with the new LoRA"),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="optional: the same checkpoint's CLIP, to come out with the new LoRA"),
                 io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="LoRA strength on MODEL (as in Load LoRA)"),
                 io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="LoRA strength on CLIP (as in Load LoRA)"),
+                io.Model.Input("model", optional=True,
+                               tooltip="optional: the same checkpoint's MODEL, to come out with the new LoRA"),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="optional: the same checkpoint's CLIP, to come out with the new LoRA"),
             ],
             outputs=[io.String.Output(display_name="lora_name",
                                       tooltip="the LoRA as Load LoRA lists it (sdtune/<name>/<name>.safetensors)"),
@@ -126,9 +126,8 @@ class SdtuneTrainLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, plan: Any, lora_name: str, rank: int, alpha: float, unet_lr: float, text_encoder_lr: float,
-                text_encoder: str, epochs: int, resolution: int, resume: bool, model: Optional[Any] = None,
-                clip: Optional[Any] = None, strength_model: float = 1.0, strength_clip: float = 1.0
-                ) -> io.NodeOutput:
+                text_encoder: str, epochs: int, resolution: int, resume: bool, strength_model: float,
+                strength_clip: float, model: Optional[Any] = None, clip: Optional[Any] = None) -> io.NodeOutput:
         from lib_sdtune.train.trainer import train
 
         progress = HostProgress(cls.hidden.unique_id, event="sdtune.train")
