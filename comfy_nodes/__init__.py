@@ -14,13 +14,13 @@ from .lora_tools import (
 from .merge import SdtuneMergeCheckpoints
 from .model_info import SdtuneModelInfo
 from .plan import SdtunePlan
-from .repair import SdtuneTeBlend, SdtuneTeOverride
+from .repair import SdtuneDiagnose, SdtuneTeBlend, SdtuneTeOverride
 from .train import SdtuneTrainLora
 
 NODES: list[type[io.ComfyNode]] = [
     SdtuneDataset, SdtuneWd14Tag, SdtuneEditTags, SdtunePlan, SdtuneTrainLora, SdtuneMergeCheckpoints,
     SdtuneTeOverride, SdtuneTeBlend, SdtuneLoraBake, SdtuneLoraMerge, SdtuneLoraResize, SdtuneLoraExtract,
-    SdtuneLoraTe, SdtuneLoraInfo, SdtuneModelInfo,
+    SdtuneLoraTe, SdtuneLoraInfo, SdtuneDiagnose, SdtuneModelInfo,
 ]
 
 

@@ -1,10 +1,25 @@
-"""Repair nodes for over-fitted checkpoints: another model's text encoder(s), or a blend of the two."""
+"""Repair nodes: diagnose over-fitting (a checkpoint or a LoRA against its base), and give a checkpoint another
+model's text encoder(s) or a blend of the two."""
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 from comfy_api.latest import io, ui
 
-from .shared import HostProgress, core_errors, model_list, model_path, new_output, whole_device
+from .shared import (
+    Dataset,
+    DatasetHandle,
+    HostProgress,
+    core_errors,
+    model_list,
+    model_path,
+    new_output,
+    optional_model_path,
+    png_to_image,
+    whole_device,
+)
 
 TE_TIP = "which text encoder: both, or for SDXL only 1 (CLIP-L) or 2 (OpenCLIP bigG)"
 OUTPUT_TIP = ("the new file in the checkpoints folder ('/' for sub-folders); a taken name gets a number: files are "
@@ -109,3 +124,56 @@ class SdtuneTeBlend(io.ComfyNode):
                 result = blend_te(config, progress=progress.progress, cancelled=progress.cancelled)
         text = _te_report(name, result, f"blended at alpha {alpha:g}" + (" per layer" if per_layer else ""))
         return io.NodeOutput(name, text, ui=ui.PreviewText(text))
+
+
+class SdtuneDiagnose(io.ComfyNode):
+    """Over-fit report of a tuned checkpoint or a LoRA against its base: verdicts with the repair, and a chart."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SdtuneDiagnose",
+            display_name="Diagnose Over-fit (sdtune)",
+            category="sdtune/repair",
+            description="Measures, without generating images, how far a fine-tuned checkpoint or a LoRA moved from "
+                        "its base: text-encoder drift on the dataset's tags and on control prompts (SDXL: each "
+                        "encoder), U-Net block drift, LoRA module norms. Each verdict names the repair to run "
+                        "(TE Override, TE Blend, LoRA TE Strip / Scale, a lower strength).",
+            inputs=[
+                io.Combo.Input("base", options=model_list("checkpoints"),
+                               tooltip="the base model the checkpoint or LoRA was trained from"),
+                io.Combo.Input("model", options=model_list("checkpoints", with_none=True), default="none",
+                               tooltip="the fine-tuned checkpoint to diagnose (none when diagnosing a LoRA)"),
+                io.Combo.Input("lora", options=model_list("loras", with_none=True), default="none",
+                               tooltip="the LoRA/LyCORIS to diagnose (none when diagnosing a checkpoint)"),
+                io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="the strength the LoRA is judged at (as in Load LoRA)"),
+                io.Int.Input("max_tags", default=64, min=0, max=1000,
+                             tooltip="how many of the most frequent training tags to test (0: control prompts only)"),
+                Dataset.Input("dataset", optional=True,
+                              tooltip="optional: the training dataset, whose caption tags are tested; without it "
+                                      "the tags come from the file's ss_tag_frequency"),
+            ],
+            outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
+                     io.String.Output(display_name="report_json")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, base: str, model: str, lora: str, lora_strength: float, max_tags: int,
+                dataset: Optional[DatasetHandle] = None) -> io.NodeOutput:
+        from lib_sdtune.repair.diagnose import DiagnoseConfig, diagnose
+
+        progress = HostProgress(cls.hidden.unique_id)
+        with core_errors(progress):
+            with whole_device() as device:
+                config = DiagnoseConfig(model_path("checkpoints", base),
+                                        model=optional_model_path("checkpoints", model),
+                                        lora=optional_model_path("loras", lora),
+                                        dataset=str(dataset.path) if dataset is not None else None,
+                                        lora_strength=lora_strength, max_tags=max_tags, device=str(device))
+                report = diagnose(config, progress=progress.progress, cancelled=progress.cancelled)
+            text = report.format_text()
+            chart = png_to_image(report.chart_png())
+        return io.NodeOutput(text, chart, json.dumps(report.to_dict(), indent=2), ui=ui.PreviewText(text))

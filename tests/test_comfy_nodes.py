@@ -173,6 +173,10 @@ def test_lora_tools_extract_info_resize_merge_strip_and_bake(host):
     stripped, _ = host.run("SdtuneLoraTe", lora_name=name, text_encoder="strip", scale=0.5, unet_blocks="",
                            te="both", output_name="x/unet_only").args
     assert inspect_lora(loras / stripped).te_modules == 0
+    pytest.importorskip("lib_sdtune.repair.diagnose")
+    text, chart, report_json = host.run("SdtuneDiagnose", base="tiny-a.safetensors", model="none", lora=name,
+                                        lora_strength=1.0, max_tags=4).args
+    assert chart.shape[0] == 1 and chart.shape[-1] == 3 and '"kind": "lora"' in report_json and text
     baked, report = host.run("SdtuneLoraBake", ckpt_name="tiny-a.safetensors", lora_1=stripped, strength_1=1.0,
                              blocks_1="", lora_2="none", strength_2=1.0, lora_3="none", strength_3=1.0, dtype="keep",
                              output_name="baked").args

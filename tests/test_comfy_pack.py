@@ -36,7 +36,7 @@ def host(tmp_path_factory):
 
 
 def test_the_pack_registers_every_node_with_prefixed_ids_categories_and_tooltips(host):
-    assert len(host.nodes) >= 15
+    assert len(host.nodes) >= 16
     for node_id, cls in host.nodes.items():
         schema = host.schema(node_id)
         assert node_id.startswith("Sdtune") and cls.__name__ == node_id
@@ -91,7 +91,8 @@ def test_every_area_has_an_example_workflow():
         used |= {n["class_type"] for n in json.loads(path.read_text(encoding="utf-8")).values()}
     assert used >= {"SdtuneDataset", "SdtuneWd14Tag", "SdtuneEditTags", "SdtunePlan", "SdtuneTrainLora",
                     "SdtuneMergeCheckpoints", "SdtuneTeOverride", "SdtuneTeBlend", "SdtuneLoraBake",
-                    "SdtuneLoraMerge", "SdtuneLoraResize", "SdtuneLoraExtract", "SdtuneLoraTe", "SdtuneLoraInfo"}
+                    "SdtuneLoraMerge", "SdtuneLoraResize", "SdtuneLoraExtract", "SdtuneLoraTe", "SdtuneLoraInfo",
+                    "SdtuneDiagnose"}
 
 
 def test_cancel_pressed_inside_the_progress_hook_stops_the_core_and_raises_comfys_interrupt(host):
