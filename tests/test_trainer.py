@@ -172,7 +172,7 @@ def test_bad_settings_fail_before_training(tiny_checkpoints, tmp_path):
         _config(tiny_checkpoints["sd1"], data, tmp_path, save_model_as="ckpt").validate()
     with pytest.raises(SdtuneError, match="train_data_dir"):
         TrainConfig(pretrained_model_name_or_path="x.safetensors").validate()
-    with pytest.raises(SdtuneError, match="separate VAE"):
+    with pytest.raises(SdtuneError, match="vae = 'vae.safetensors': no such file"):
         _config(tiny_checkpoints["sd1"], data, tmp_path, vae="vae.safetensors").validate()
     with pytest.raises(SdtuneError, match="max_train_epochs or max_train_steps"):
         _config(tiny_checkpoints["sd1"], data, tmp_path, max_train_steps=0).validate()
@@ -235,3 +235,70 @@ def test_sample_images_every_epoch_beside_the_outputs(tiny_checkpoints, tmp_path
         assert path.parent == tmp_path / "out" / "sample"
         with Image.open(path) as im:
             assert im.size == (64, 64)
+
+
+def test_fp8_base_stores_the_unet_in_float8_and_trains(tiny_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds", n=2)
+    common = dict(max_train_steps=2, network_args=["conv_dim=2"], mixed_precision="bf16")
+    plain = train(_config(tiny_checkpoints["sd1"], data, tmp_path / "plain", **common))
+    fp8 = train(_config(tiny_checkpoints["sd1"], data, tmp_path / "fp8", fp8_base=True, **common))
+    assert any(n.startswith("fp8_base: the U-Net's Linear/Conv weights are stored in float8") for n in fp8.notes)
+    # the adapter starts at zero: step 1 is the base model's loss, fp8-rounded weights move it only a little
+    assert fp8.losses[0] == pytest.approx(plain.losses[0], rel=0.05) and fp8.losses[0] != plain.losses[0]
+    # LyCORIS rebuilds its weight in the layer's dtype: on an fp8 layer its update is added beside the layer
+    loha = train(_config(tiny_checkpoints["sd1"], data, tmp_path / "loha", fp8_base=True, **{
+        **common, "network_module": "lycoris.kohya", "network_args": ["algo=loha", "conv_dim=2"]}))
+    for run in (fp8, loha):
+        assert all(torch.isfinite(torch.tensor(run.losses))) and run.losses[1] != run.losses[0]
+        assert load_lora(run.outputs[-1])[0]
+
+
+def test_fp8_base_needs_mixed_precision_and_refuses_lost_dropouts(tiny_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds", n=2)
+    with pytest.raises(SdtuneError, match="fp8_base needs mixed_precision"):
+        _config(tiny_checkpoints["sd1"], data, tmp_path, fp8_base=True).validate()
+    with pytest.raises(SdtuneError, match="algo=lokr: rank_dropout/module_dropout are not applied"):
+        train(_config(tiny_checkpoints["sd1"], data, tmp_path / "out", fp8_base=True, mixed_precision="bf16",
+                      network_module="lycoris.kohya", network_args=["algo=lokr", "module_dropout=0.1"]))
+
+
+def test_sdxl_samples_with_both_text_encoders_on_an_fp8_unet(tiny_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds", n=2)
+    (tmp_path / "p.txt").write_text("sdtdemo, red square --w 64 --h 64 --s 2 --d 3\n")
+    result = train(_config(tiny_checkpoints["sdxl"], data, tmp_path / "out", max_train_steps=2,
+                           mixed_precision="bf16", fp8_base=True, sample_prompts=str(tmp_path / "p.txt"),
+                           sample_at_first=True, sample_every_n_epochs=1))
+    assert [p.name.split("_")[1] for p in result.samples] == ["e000000", "e000001"]
+    with Image.open(result.samples[0]) as a, Image.open(result.samples[1]) as b:
+        assert a.size == (64, 64) and a.tobytes() != b.tobytes()  # the trained adapter changed the image
+
+
+def test_a_separate_vae_file_in_any_layout_replaces_the_checkpoints_vae(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lib_sdtune.models.loader import load_checkpoint
+    from lib_sdtune.models.vae_file import load_vae_file
+
+    ckpt = load_file(tiny_checkpoints["sd1"])
+    bare = {k[len("first_stage_model."):]: v * 0.9 for k, v in ckpt.items() if k.startswith("first_stage_model.")}
+    save_file(bare, tmp_path / "bare.safetensors")  # A1111's models/VAE layout
+    save_file({f"first_stage_model.{k}": v for k, v in bare.items()}, tmp_path / "prefixed.safetensors")
+    own = load_checkpoint(tiny_checkpoints["sd1"], components=["vae"]).modules["vae"]
+    loaded = load_vae_file(tmp_path / "bare.safetensors", own)
+    save_file({k: v.contiguous() for k, v in loaded.state_dict().items()}, tmp_path / "diffusers.safetensors")
+    for name in ("prefixed", "diffusers"):
+        other = load_vae_file(tmp_path / f"{name}.safetensors", own)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), other.state_dict().values()))
+    w, w0 = loaded.encoder.conv_in.weight, own.encoder.conv_in.weight
+    assert torch.allclose(w.float(), w0.float() * 0.9, atol=1e-3) and loaded.config == own.config
+    with pytest.raises(SdtuneError, match="unet.safetensors: not a VAE file"):
+        save_file({k: v for k, v in ckpt.items() if k.startswith("model.")}, tmp_path / "unet.safetensors")
+        load_vae_file(tmp_path / "unet.safetensors", own)
+
+    data = _dataset(tmp_path / "ds", n=2)
+    plain = train(_config(tiny_checkpoints["sd1"], data, tmp_path / "plain", max_train_steps=1))
+    run = train(_config(tiny_checkpoints["sd1"], data, tmp_path / "out", max_train_steps=1,
+                        vae=str(tmp_path / "bare.safetensors")))
+    assert run.losses[0] != plain.losses[0]  # other latents
+    meta = load_lora(run.outputs[-1])[1]
+    assert meta["ss_vae_name"] == "bare.safetensors" and len(meta["ss_new_vae_hash"]) == 64

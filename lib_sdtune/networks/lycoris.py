@@ -130,12 +130,12 @@ class LycorisModule(ForwardSwap, nn.Module):
         """lycoris-lora's forward (ΔW rebuilt per call); the plain layer while merged or at multiplier 0.
 
         DoRA runs the same math here: lycoris-lora 4.1.3's DoRA forward fails on fp16/bf16 layers (its
-        rescaled weight is fp32).
+        rescaled weight is fp32); so does a float8 base layer (fp8_base), whose weight lycoris cannot add to.
         """
         org_forward = self.wrapped_forward
         if self.merged or self.multiplier == 0:
             return org_forward(x, *args, **kwargs)
-        if self.weight_decompose:
+        if self.weight_decompose or self.org_module.weight.element_size() == 1:
             y = org_forward(x, *args, **kwargs)
             return y + self.lyco.op(x, self.delta_weight().to(x), None, **self.lyco.kw_dict).to(y.dtype)
         self.lyco.org_forward = org_forward

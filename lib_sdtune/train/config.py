@@ -175,15 +175,15 @@ class TrainConfig:
                               "need 0 <= min < max <= 1000")
         if self.full_fp16 and self.mixed_precision != "fp16" or self.full_bf16 and self.mixed_precision != "bf16":
             raise SdtuneError("full_fp16/full_bf16 need the matching mixed_precision (fp16/bf16)")
-        if self.vae:
-            raise SdtuneError(f"vae = {self.vae!r}: training with a separate VAE file is not supported by sdtune yet; "
-                              "remove the setting to use the checkpoint's own VAE (or bake the VAE in with "
-                              "`merge --vae`)")
+        if self.vae and not Path(self.vae).is_file():
+            raise SdtuneError(f"vae = {self.vae!r}: no such file (give a VAE .safetensors, e.g. from "
+                              "A1111's models/VAE)")
         if not self.max_train_epochs and not self.max_train_steps:
             raise SdtuneError("max_train_epochs or max_train_steps must be set (sd-scripts' default is 1600 steps)")
         if self.fp8_base:
-            raise SdtuneError("fp8_base is not supported by sdtune yet: use mixed_precision bf16 (or fp16) with "
-                              "gradient_checkpointing = true to save memory")
+            from .fp8 import check_fp8_base
+
+            check_fp8_base(self.mixed_precision)
         if self.network_module not in ("networks.lora", "lycoris.kohya"):
             raise SdtuneError(f"network_module = {self.network_module!r}: sdtune trains networks.lora "
                               "(LoRA/LoCon) and lycoris.kohya (algo=loha, lokr, full, dora_wd=True ...)")

@@ -69,11 +69,20 @@ class RunInfo:
     model_hashes: dict[str, str] = field(default_factory=dict)
 
     def fill_model_hashes(self) -> None:
-        """`ss_sd_model_hash` (A1111's old hash) and `ss_new_sd_model_hash` (sha256) of the base model file."""
+        """`ss_sd_model_hash` (A1111's old hash) and `ss_new_sd_model_hash` (sha256) of the base model file, and
+        `ss_vae_name`/`ss_vae_hash`/`ss_new_vae_hash` of a separate VAE file, as sd-scripts writes them."""
+        if self.model_hashes:
+            return
         path = Path(self.config.pretrained_model_name_or_path)
-        if path.is_file() and not self.model_hashes:
+        if path.is_file():
             h = file_hashes(path)
             self.model_hashes = {"ss_sd_model_hash": h.autov1, "ss_new_sd_model_hash": h.sha256}
+        if self.config.vae:
+            vae = Path(self.config.vae)
+            self.model_hashes["ss_vae_name"] = vae.name
+            if vae.is_file():
+                h = file_hashes(vae)
+                self.model_hashes.update(ss_vae_hash=h.autov1, ss_new_vae_hash=h.sha256)
 
 
 def _s(value: Any) -> str:

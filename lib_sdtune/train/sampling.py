@@ -142,7 +142,8 @@ def generate_samples(prompts: list[SamplePrompt], family: str, modules: dict, to
         seed = sp.seed if sp.seed is not None else base_seed + i
         gen = torch.Generator().manual_seed(seed)
         pos, neg = encode([sp.prompt]), encode([sp.negative_prompt])
-        dtype = next(modules["unet"].parameters()).dtype
+        # the U-Net's compute dtype: with fp8_base its Linear/Conv weights are float8, its norms are not
+        dtype = next(p.dtype for p in modules["unet"].parameters() if p.element_size() > 1)
         kwargs: dict[str, Any] = {"prompt_embeds": pos.hidden_states.to(dtype),
                                   "negative_prompt_embeds": neg.hidden_states.to(dtype)}
         if sdxl:

@@ -27,6 +27,7 @@ import torch
 from ..errors import SdtuneError
 from ..io.atomic import atomic_write_text
 from ..models.loader import load_checkpoint
+from ..models.vae_file import load_vae_file
 from ..networks.config import from_network_args
 from ..networks.kohya_file import load_lora_into, save_lora
 from ..networks.max_norm import apply_max_norm
@@ -35,6 +36,7 @@ from ..networks.param_groups import optimizer_param_groups
 from .conditioning import Conditioning, TextEncoders, encode_text, size_conditioning
 from .config import TrainConfig, config_to_dict
 from .distributed import data_parallel_from_env
+from .fp8 import cast_to_fp8, check_fp8_base, check_fp8_network
 from .loss import diffusion_loss, target_for
 from .noise import perturb_noise, sample_noise, sample_timesteps, zero_terminal_snr_betas
 from .optimizers import build_optimizer
@@ -156,6 +158,8 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
 
     # --- model
     model = load_checkpoint(cfg.pretrained_model_name_or_path)
+    if cfg.vae:
+        model.modules["vae"] = load_vae_file(cfg.vae, model.modules["vae"])
     family = model.arch.family
     if family == "sdxl-refiner":
         raise SdtuneError(f"{cfg.pretrained_model_name_or_path}: an SDXL refiner; LoRAs are trained on the SDXL base")
@@ -172,6 +176,13 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
         if next(m.parameters()).dtype != want:
             _cast_quietly(m, want)
         m.eval()
+    if cfg.fp8_base:
+        if prec.autocast is None:
+            check_fp8_base("no")
+        check_fp8_network(_network_config(cfg))
+        saved = cast_to_fp8(unet)
+        result.notes.append(f"fp8_base: the U-Net's Linear/Conv weights are stored in float8 ({saved / 2**30:.2f} GiB "
+                            "saved); autocast upcasts them at each layer")
     text = _text_encoders(family, [mods[n] for n in te_names])
 
     # --- data
@@ -261,11 +272,12 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
         for m in [unet, *(mods[n] for n in te_names)]:
             m.eval()
         try:
-            result.samples += generate_samples(
-                prompts, family, mods, text.tokenizers, model.scheduler_config, out_dir / "sample",
-                f"{cfg.output_name}_{label}", lambda captions: encode_text(text, captions, cfg.clip_skip,
-                                                                           cfg.max_token_length),
-                cfg.sample_sampler, seed)
+            with torch.autocast(dev.type, dtype=prec.autocast, enabled=prec.autocast is not None):
+                result.samples += generate_samples(
+                    prompts, family, mods, text.tokenizers, model.scheduler_config, out_dir / "sample",
+                    f"{cfg.output_name}_{label}", lambda captions: encode_text(text, captions, cfg.clip_skip,
+                                                                               cfg.max_token_length),
+                    cfg.sample_sampler, seed)
         finally:
             network.train()
             opt.train_mode()
