@@ -1,27 +1,31 @@
-"""A1111/Forge face: adds the sdtune tab. Runs at every WebUI start and "Reload UI", so it only wires."""
+"""A1111/Forge face: the sdtune tab, its settings, and generation paused while an sdtune job holds the GPU.
+
+Runs at every WebUI start and "Reload UI", so it only wires; lib_sdtune/webui/a1111_host.py does the work.
+"""
 
 from modules import script_callbacks, shared  # the WebUI's own modules
 
-from lib_sdtune.host import HostFolders
+from lib_sdtune.webui.a1111_host import release_webui_host, webui_host
+from lib_sdtune.webui.settings import SETTINGS
+
+host = webui_host()
+host.install_guard()  # generation asks first whether an sdtune job holds the GPU
 
 
-def _host_folders() -> HostFolders:
-    """The WebUI's checkpoint and LoRA folders (honours --ckpt-dir, --models-dir and --lora-dir)."""
-    from pathlib import Path
-
-    from modules import paths, sd_models
-
-    checkpoints = [Path(sd_models.model_path)]
-    if getattr(shared.cmd_opts, "ckpt_dir", None):
-        checkpoints.append(Path(shared.cmd_opts.ckpt_dir))
-    lora_dir = getattr(shared.cmd_opts, "lora_dir", None) or Path(paths.models_path) / "Lora"
-    return HostFolders(checkpoints=tuple(checkpoints), loras=(Path(lora_dir),))
+def on_ui_settings():
+    host.add_settings()
 
 
 def on_ui_tabs():
     from lib_sdtune.webui.app import build_blocks
 
-    return [(build_blocks(_host_folders()), "sdtune", "sdtune")]
+    ctx = host.context()
+    for setting in SETTINGS:
+        if setting.key in shared.opts.data_labels:
+            shared.opts.onchange(setting.key, lambda: host.update_context(ctx), call=False)
+    return [(build_blocks(ctx), "sdtune", "sdtune")]
 
 
+script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_script_unloaded(release_webui_host)

@@ -34,9 +34,10 @@ def test_paths_from_the_ui_cannot_escape_the_model_folders(folders, tmp_path):
 def test_webui_blocks_build_and_the_inspect_handler_reports(folders):
     pytest.importorskip("gradio")
     from lib_sdtune.webui.app import build_blocks
+    from lib_sdtune.webui.context import UiContext
     from lib_sdtune.webui.model_panel import inspect_listed
 
-    blocks = build_blocks(folders)
+    blocks = build_blocks(UiContext(folders))
     assert blocks is not None
     text, details = inspect_listed(folders, "sub/tiny.safetensors", True)
     assert "architecture:  sd1" in text and details["missing_keys"] == []
