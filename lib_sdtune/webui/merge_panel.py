@@ -377,8 +377,10 @@ def build_merge_panel(gr, ctx: UiContext) -> None:
         return [text, *(gr.update(visible=v) for v in shown)]
 
     c["layout"].change(fn=layout_changed, inputs=[c["layout"], *slider_list], outputs=[c["blocks"], *slider_list])
-    c["preset"].input(fn=lambda name, layout: [keep_or(v) for v in on_preset(name, layout)],
-                      inputs=[c["preset"], c["layout"]], outputs=[c["blocks"], *slider_list])
+    # .change (not .input, which gradio 3.41/4.40 do not fire on a pick): a preset set by the sliders or the
+    # list matches them already, so filling them again changes nothing and nothing loops
+    c["preset"].change(fn=lambda name, layout: [keep_or(v) for v in on_preset(name, layout)],
+                       inputs=[c["preset"], c["layout"]], outputs=[c["blocks"], *slider_list])
     for s in slider_list:
         s.input(fn=on_sliders, inputs=[c["layout"], *slider_list], outputs=[c["blocks"], c["preset"]])
     for event in (c["blocks"].blur, c["blocks"].submit):
