@@ -302,3 +302,20 @@ def test_a_separate_vae_file_in_any_layout_replaces_the_checkpoints_vae(tiny_che
     assert run.losses[0] != plain.losses[0]  # other latents
     meta = load_lora(run.outputs[-1])[1]
     assert meta["ss_vae_name"] == "bare.safetensors" and len(meta["ss_new_vae_hash"]) == 64
+
+
+def test_a_datasets_network_multiplier_scales_the_adapter_for_its_batches(tiny_checkpoints, tmp_path):
+    data = _dataset(tmp_path / "ds", n=2)
+    folder = (data / "2_sdtdemo").as_posix()
+
+    def run(multiplier: float, name: str):
+        toml = tmp_path / f"{name}.toml"
+        toml.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 2\nnetwork_multiplier = {multiplier}\n'
+                        f'[[datasets.subsets]]\nimage_dir = "{folder}"\nnum_repeats = 2\n')
+        return train(_config(tiny_checkpoints["sd1"], None, tmp_path / name, max_train_steps=2,
+                             dataset_config=str(toml), train_data_dir=None))
+
+    off, half = run(0.0, "off"), run(0.5, "half")
+    ups = [[t for k, t in load_lora(r.outputs[-1])[0].items() if "lora_up" in k] for r in (off, half)]
+    assert all(float(t.abs().max()) == 0 for t in ups[0])  # at multiplier 0 the adapter gets no gradient
+    assert any(float(t.abs().max()) > 0 for t in ups[1])

@@ -267,6 +267,7 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
     def sample(label: str) -> None:
         if not prompts:
             return
+        network.set_multiplier(1.0)  # samples show the adapter as a user loads it
         network.eval()
         opt.eval_mode()
         for m in [unet, *(mods[n] for n in te_names)]:
@@ -314,6 +315,7 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
         for batch in batches:
             if batch.skipped:
                 result.notes += [f"{p}: skipped ({why})" for p, why in batch.skipped]
+            _use_multiplier(network, batch)
             latents = _latents(batch, vae, dev, prec.vae_dtype, scaling, gen)
             cond = _conditioning(text, batch, cfg, trains_te, run_data, dev)
             noise = sample_noise(latents, gen, cfg.noise_offset, cfg.noise_offset_random_strength,
@@ -336,7 +338,8 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
                     f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}); nothing was saved after "
                     f"the last good file. Likely causes: fp16 overflow (use mixed_precision bf16, or no_half_vae "
                     f"for SDXL), or a learning rate too high for {cfg.optimizer_type} (try a tenth)")
-            (loss / cfg.gradient_accumulation_steps).backward()
+            if loss.requires_grad:  # a dataset with network_multiplier 0 bypasses the adapter: nothing to learn
+                (loss / cfg.gradient_accumulation_steps).backward()
             batch_index += 1
             last_loss = float(loss.detach())
             if batch_index % cfg.gradient_accumulation_steps and batch_index < batches_per_process:
@@ -384,7 +387,8 @@ def _train(cfg: TrainConfig, progress: Optional[ProgressFn], cancelled: Optional
         val = None
         if run_data.validation is not None and _validate_now(cfg, epoch, num_epochs):
             with _optimizer_eval(opt):
-                val = _validation_loss(run_data, vae, text, unet, noise_sched, cfg, prediction, prec, dev, scaling)
+                val = _validation_loss(run_data, vae, text, unet, network, noise_sched, cfg, prediction, prec, dev,
+                                       scaling)
             result.validation_losses.append((epoch, val))
         if dp.is_main:
             run_log.end_epoch(epoch, val)
@@ -499,14 +503,26 @@ def _validate_now(cfg: TrainConfig, epoch: int, num_epochs: int) -> bool:
 
 
 @torch.no_grad()
-def _validation_loss(run_data: RunData, vae, text: TextEncoders, unet, noise_sched, cfg: TrainConfig,
-                     prediction: str, prec: _Precision, dev: torch.device, scaling: float) -> float:
+def _use_multiplier(network: LoraNetwork, batch: Any) -> None:
+    """The batch's dataset `network_multiplier` (sd-scripts: per dataset; a batch never mixes datasets)."""
+    values = batch.network_multipliers
+    value = float(values[0]) if len(values) else 1.0
+    if len(values) and not bool((values == values[0]).all()):
+        raise SdtuneError("a batch mixes datasets with different network_multiplier values; give them the same "
+                          "value or separate batch sizes")
+    if value != network.config.multiplier:
+        network.set_multiplier(value)
+
+
+def _validation_loss(run_data: RunData, vae, text: TextEncoders, unet, network: LoraNetwork, noise_sched,
+                     cfg: TrainConfig, prediction: str, prec: _Precision, dev: torch.device, scaling: float) -> float:
     """Mean loss of the held-out images at sd-scripts' fixed timesteps with a fixed generator (comparable
     between epochs)."""
     data = run_data.validation
     gen = torch.Generator().manual_seed(run_data.validation_seed)
     losses = []
     for batch in data.iter_epoch(1):
+        _use_multiplier(network, batch)
         latents = _latents(batch, vae, dev, prec.vae_dtype, scaling, gen)
         cond = _conditioning(text, batch, cfg, False, run_data, dev)
         for t in VALIDATION_TIMESTEPS:
