@@ -7,8 +7,8 @@ because the rename is the only step that touches the final name.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -33,7 +33,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     """Yield a file object for a temp file beside `path`; on success it replaces `path` atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
+    remove_stale_temps(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     tmp = Path(tmp_name)
     try:
@@ -49,6 +49,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
                 os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
         fsync_dir(target.parent)
+        folder = os.path.abspath(target.parent)
+        _quiet_since[folder] = _folder_mtime(folder)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -65,16 +67,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(target: Path) -> list[Path]:
-    """Delete temp files a killed writer of `target` left behind (their pid is gone)."""
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]*\.tmp$")  # .<name>.<pid>.<random>.tmp, as atomic_write names them
+_quiet_since: dict[str, int] = {}  # folder -> its mtime right after our last write there
+
+
+def _folder_mtime(folder: str) -> int:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temp files that killed writers left in `folder` (their pid is gone).
+
+    The folder is listed only when something else changed it since our last write there: a folder of
+    10,000 captions would otherwise be listed on every one of 10,000 writes.
+    """
+    key = os.path.abspath(folder)
+    if _quiet_since.get(key) == _folder_mtime(key):
+        return []
     removed = []
-    prefix = f".{target.name}."
-    for cand in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        pid_part = cand.name[len(prefix):].split(".", 1)[0]
-        if pid_part.isdigit() and not _pid_alive(int(pid_part)):
-            with contextlib.suppress(OSError):
-                cand.unlink()
-                removed.append(cand)
+    with contextlib.suppress(OSError), os.scandir(key) as entries:
+        for entry in entries:
+            m = _TEMP_NAME.match(entry.name)
+            if m and not _pid_alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
     return removed
 
 
