@@ -28,6 +28,14 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+@pytest.fixture(autouse=True)
+def quick_polls(monkeypatch):
+    """Handlers poll their job every 0.5 s for the UI; a test need not wait that long."""
+    from lib_sdtune.webui import tools_common
+
+    monkeypatch.setattr(tools_common, "POLL", 0.02)
+
+
 def last(updates) -> tuple:
     """Run a handler generator to its end, as gradio would, and return its final (status, result, job id)."""
     *_, final = list(updates)
@@ -35,9 +43,14 @@ def last(updates) -> tuple:
 
 
 def folders_under(root: Path) -> UiContext:
+    """Host folders under `root`; the context records the host refreshes it asks for in `ctx.refreshed`."""
     for name in ("ckpt", "lora", "data"):
         (root / name).mkdir(parents=True, exist_ok=True)
-    return UiContext(HostFolders(checkpoints=(root / "ckpt",), loras=(root / "lora",), datasets=(root / "data",)))
+    refreshed: list[str] = []
+    ctx = UiContext(HostFolders(checkpoints=(root / "ckpt",), loras=(root / "lora",), datasets=(root / "data",)),
+                    refresh_host=refreshed.append)
+    ctx.refreshed = refreshed  # type: ignore[attr-defined]
+    return ctx
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +121,8 @@ def test_outputs_are_confined_and_never_silently_overwritten(tmp_path):
     status, result, job = last(lora_panel.run_resize(ctx, None, 4, 0, "fixed rank", "", "keep", "r", False))
     assert status == "Error: LoRA: choose a file first" and job is None
     assert last(merge_panel.run_merge(ctx, *form(model_a="../a.safetensors")))[0].startswith("Error: ")
+    status = last(lora_panel.run_bake(ctx, None, "keep", "x", False, "l.safetensors", "strong", ""))[0]
+    assert status.startswith("Error: ") and "Traceback" not in status  # not a core error: still one line
 
 
 @pytest.mark.compat
@@ -142,6 +157,7 @@ def test_merge_with_block_weights_writes_what_the_core_writes(ctx, tmp_path):
     assert not out.exists()  # a preview writes nothing
     status, result, _ = last(merge_panel.run_merge(ctx, *values))
     assert status.startswith("Done: merge -> mbw.safetensors") and result.startswith(f"Wrote {out}")
+    assert ctx.refreshed[-1] == "checkpoint"  # the host is asked to list the new model
     ckpt = ctx.folders.checkpoints[0]
     ref = merge_checkpoints(MergeConfig((str(ckpt / "a.safetensors"), str(ckpt / "b.safetensors")),
                                         str(tmp_path / "ref.safetensors"), alpha=0.3, te_alpha=0.8, dtype="fp32",
@@ -171,7 +187,7 @@ def test_lora_tools_extract_info_resize_merge_and_bake_through_the_handlers(ctx)
     status, result, _ = last(lora_panel.run_resize(ctx, "ex.safetensors", 2, 0, "fixed rank", "", "keep", "ex2",
                                                    False))
     assert status.startswith("Done: resize") and "mean Frobenius norm" in result
-    assert lora_panel.lora_info(ctx, "ex2.safetensors")[1]["rank"] == 2
+    assert lora_panel.lora_info(ctx, "ex2.safetensors")[1]["rank"] == 2 and ctx.refreshed[-1] == "lora"
     status, _, _ = last(lora_panel.run_resize(ctx, "ex.safetensors", 2, 0, "fixed rank", "", "keep", "ex2", False))
     assert "already exists" in status and "Overwrite" in status
 

@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 
 from ..errors import SdtuneError
 from ..host import list_files
+from .compat import quick_event
 from .context import UiContext
 from .tools_common import (
     LORA_EXTS,
@@ -18,13 +19,14 @@ from .tools_common import (
     checkpoint_output_roots,
     devices,
     guarded,
+    job_controls,
     listed,
     lora_output_roots,
     optional_float,
     optional_int,
     output_path,
     run_job,
-    stop,
+    wire_job,
 )
 
 SLOTS = 4  # LoRAs a bake or merge takes at once from the panel
@@ -100,7 +102,7 @@ def run_bake(ctx: UiContext, checkpoint: Optional[str], dtype: str, output: str,
     out = output_path(output, checkpoint_output_roots(ctx), bool(overwrite), create=True)
     config = BakeConfig(ckpt, loras, str(out), dtype=_dtype(dtype), overwrite=bool(overwrite))
     yield from run_job(ctx, f"bake -> {out.name}", lambda jc: bake_loras(config, jc.progress, jc.cancelled),
-                       describe_bake)
+                       describe_bake, writes="checkpoint")
 
 
 def _energy(report: list, top: int = 8) -> list[str]:
@@ -138,7 +140,7 @@ def run_lora_merge(ctx: UiContext, rank, conv_rank, dynamic: str, param, clamp, 
                              clamp_quantile=optional_float(clamp, "clamp quantile"), dtype=_dtype(dtype),
                              overwrite=bool(overwrite))
     yield from run_job(ctx, f"LoRA merge -> {out.name}", lambda jc: merge_loras(config, jc.progress, jc.cancelled),
-                       describe_lora_merge)
+                       describe_lora_merge, writes="lora")
 
 
 def describe_resize(result) -> str:
@@ -158,7 +160,7 @@ def run_resize(ctx: UiContext, lora: Optional[str], rank, conv_rank, dynamic: st
                           dynamic=_dynamic(dynamic), param=optional_float(param, "dynamic parameter"),
                           dtype=_dtype(dtype), overwrite=bool(overwrite))
     yield from run_job(ctx, f"resize -> {out.name}", lambda jc: resize_lora(config, jc.progress, jc.cancelled),
-                       describe_resize)
+                       describe_resize, writes="lora")
 
 
 def describe_extract(result) -> str:
@@ -186,7 +188,7 @@ def run_extract(ctx: UiContext, base: Optional[str], tuned: Optional[str], rank,
                            min_diff=0.01 if min_diff_value is None else min_diff_value, svd=svd or "exact",
                            device=device or "cpu", overwrite=bool(overwrite))
     yield from run_job(ctx, f"extract -> {out.name}", lambda jc: extract_lora(config, jc.progress, jc.cancelled),
-                       describe_extract, uses_gpu=config.device != "cpu")
+                       describe_extract, uses_gpu=config.device != "cpu", writes="lora")
 
 
 def build_lora_panel(gr, ctx: UiContext) -> None:
@@ -211,21 +213,6 @@ def build_lora_panel(gr, ctx: UiContext) -> None:
             over = gr.Checkbox(label="Overwrite an existing file", value=False)
         return out, over
 
-    def actions(prefix: str, label: str):
-        with gr.Row():
-            run = gr.Button(label, variant="primary", elem_id=f"sdtune_lora_{prefix}_run")
-            halt = gr.Button("Stop", elem_id=f"sdtune_lora_{prefix}_stop")
-        status = gr.Textbox(label="Status", interactive=False, elem_id=f"sdtune_lora_{prefix}_status")
-        result = gr.Textbox(label="Result", lines=6, interactive=False, elem_id=f"sdtune_lora_{prefix}_result")
-        job_id = gr.State(None)
-        halt.click(fn=lambda jid: stop(ctx, jid), inputs=[job_id], outputs=[status], queue=False)
-        return run, status, result, job_id
-
-    def wire(button, handler, inputs, outputs):
-        def go(*values):
-            yield from handler(ctx, *values)
-        button.click(fn=go, inputs=inputs, outputs=outputs)
-
     refresh = gr.Button("Refresh file lists", elem_id="sdtune_lora_refresh")
     lora_roots, ckpt_roots = lora_output_roots(ctx), checkpoint_output_roots(ctx)
     with gr.Tabs(elem_id="sdtune_lora_tabs"):
@@ -235,7 +222,8 @@ def build_lora_panel(gr, ctx: UiContext) -> None:
                 info_btn = gr.Button("Inspect", variant="primary", elem_id="sdtune_lora_info_run")
             info_text = gr.Textbox(label="Report", lines=8, interactive=False, elem_id="sdtune_lora_info_report")
             info_json = gr.JSON(label="Details (the fields of `lora info --json`)")
-            info_btn.click(fn=lambda name: lora_info(ctx, name), inputs=[info_name], outputs=[info_text, info_json])
+            info_btn.click(fn=lambda name: lora_info(ctx, name), inputs=[info_name], outputs=[info_text, info_json],
+                           **quick_event(gr))
 
         with gr.Tab("Bake into checkpoint"):
             bake_ckpt = ckpts("Checkpoint", elem_id="sdtune_lora_bake_ckpt")
@@ -247,8 +235,8 @@ def build_lora_panel(gr, ctx: UiContext) -> None:
                                    gr.Textbox(label="Block weights (LBW values or preset; blank: none)")]
             bake_dtype = gr.Radio(choices=list(DTYPES), value=KEEP, label="dtype of the float weights")
             bake_out, bake_over = output_row("bake", "baked.safetensors", ckpt_roots)
-            bake_run, *bake_outs = actions("bake", "Bake")
-            wire(bake_run, run_bake, [bake_ckpt, bake_dtype, bake_out, bake_over, *bake_slots], bake_outs)
+            wire_job(gr, ctx, job_controls(gr, ctx, "lora_bake", "Bake", 6), run_bake,
+                     [bake_ckpt, bake_dtype, bake_out, bake_over, *bake_slots])
 
         with gr.Tab("Merge LoRAs"):
             merge_slots = []
@@ -264,9 +252,9 @@ def build_lora_panel(gr, ctx: UiContext) -> None:
                 merge_clamp = gr.Textbox(label="Clamp quantile", placeholder="off (sd-scripts: 0.99)")
             merge_dtype = gr.Radio(choices=list(DTYPES), value=KEEP, label="Output dtype (keep: the first file's)")
             merge_out, merge_over = output_row("merge", "merged_lora.safetensors", lora_roots)
-            merge_run, *merge_outs = actions("merge", "Merge")
-            wire(merge_run, run_lora_merge, [merge_rank, merge_conv, merge_dyn, merge_param, merge_clamp, merge_dtype,
-                                             merge_out, merge_over, *merge_slots], merge_outs)
+            wire_job(gr, ctx, job_controls(gr, ctx, "lora_merge", "Merge", 8), run_lora_merge,
+                     [merge_rank, merge_conv, merge_dyn, merge_param, merge_clamp, merge_dtype, merge_out, merge_over,
+                      *merge_slots])
 
         with gr.Tab("Resize"):
             resize_lora_dd = loras("LoRA", elem_id="sdtune_lora_resize_file")
@@ -277,9 +265,9 @@ def build_lora_panel(gr, ctx: UiContext) -> None:
                 resize_param = gr.Textbox(label="Dynamic parameter", placeholder="e.g. 0.9")
             resize_dtype = gr.Radio(choices=list(DTYPES), value=KEEP, label="Output dtype (keep: the input's)")
             resize_out, resize_over = output_row("resize", "resized.safetensors", lora_roots)
-            resize_run, *resize_outs = actions("resize", "Resize")
-            wire(resize_run, run_resize, [resize_lora_dd, resize_rank, resize_conv, resize_dyn, resize_param,
-                                          resize_dtype, resize_out, resize_over], resize_outs)
+            wire_job(gr, ctx, job_controls(gr, ctx, "lora_resize", "Resize", 8), run_resize,
+                     [resize_lora_dd, resize_rank, resize_conv, resize_dyn, resize_param, resize_dtype, resize_out,
+                      resize_over])
 
         with gr.Tab("Extract from checkpoints"):
             with gr.Row():
@@ -292,14 +280,13 @@ def build_lora_panel(gr, ctx: UiContext) -> None:
                 ex_min = gr.Textbox(value="0.01", label="Keep the text encoder if it differs by more than")
             with gr.Row():
                 ex_svd = gr.Radio(choices=["exact", "randomized"], value="exact", label="SVD")
-                ex_device = gr.Radio(choices=devices(), value="cpu", label="Device")
+                ex_device = gr.Radio(choices=devices(ctx), value="cpu", label="Device")
             ex_out, ex_over = output_row("extract", "extracted.safetensors", lora_roots)
-            ex_run, *ex_outs = actions("extract", "Extract")
-            wire(ex_run, run_extract, [ex_base, ex_tuned, ex_rank, ex_conv, ex_clamp, ex_min, ex_svd, ex_device,
-                                       ex_out, ex_over], ex_outs)
+            wire_job(gr, ctx, job_controls(gr, ctx, "lora_extract", "Extract", 6), run_extract,
+                     [ex_base, ex_tuned, ex_rank, ex_conv, ex_clamp, ex_min, ex_svd, ex_device, ex_out, ex_over])
 
     def refresh_lists():
         lora_names, ckpt_names = list_files(folders.loras, LORA_EXTS), list_files(folders.checkpoints)
         return [gr.update(choices=lora_names)] * len(lora_dd) + [gr.update(choices=ckpt_names)] * len(ckpt_dd)
 
-    refresh.click(fn=refresh_lists, inputs=[], outputs=[*lora_dd, *ckpt_dd])
+    refresh.click(fn=refresh_lists, inputs=[], outputs=[*lora_dd, *ckpt_dd], **quick_event(gr))

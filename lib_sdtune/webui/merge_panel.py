@@ -17,8 +17,20 @@ from ..host import HostFolders, list_files
 from ..merge.blocks import PRESETS, SD_SLOTS, SDXL_SLOTS_VAE, resolve_blocks
 from ..merge.config import OUTPUT_DTYPES, MergeConfig, validate_config
 from ..merge.methods import METHODS, get_method
+from .compat import quick_event
 from .context import UiContext
-from .tools_common import Update, checkpoint_output_roots, guarded, listed, optional_float, output_path, run_job, stop
+from .tools_common import (
+    Update,
+    checkpoint_output_roots,
+    guarded,
+    job_controls,
+    listed,
+    optional_float,
+    output_path,
+    run_job,
+    status_html,
+    wire_job,
+)
 
 SLIDER_SLOTS: tuple[str, ...] = (*SD_SLOTS, "VAE")  # one slider each; VAE is shown for SDXL only
 LAYOUTS = {"SD1/SD2": "sd", "SDXL": "sdxl"}  # radio choice -> blocks.py layout
@@ -28,10 +40,8 @@ DEFAULT_BLOCK = 0.5
 
 
 def vae_roots(folders: HostFolders) -> list[Path]:
-    """Where VAE files are looked for: each checkpoint folder's sibling `VAE/` (A1111's models/VAE) and the
-    checkpoint folders themselves."""
-    roots = [Path(p) for p in folders.checkpoints]
-    return [r.parent / "VAE" for r in roots if (r.parent / "VAE").is_dir()] + roots
+    """Where a VAE to bake in is looked for: the host's VAE folders, then the checkpoint folders."""
+    return [Path(p) for p in (*folders.vaes, *folders.checkpoints)]
 
 
 def layout_slots(layout: str) -> tuple[str, ...]:
@@ -230,7 +240,8 @@ def run_merge(ctx: UiContext, *values) -> Iterator[Update]:
 
     config = MergeForm(*values).to_config(ctx, create=True)
     yield from run_job(ctx, f"merge -> {Path(config.output).name}",
-                       lambda jc: merge_checkpoints(config, jc.progress, jc.cancelled), describe_merge)
+                       lambda jc: merge_checkpoints(config, jc.progress, jc.cancelled), describe_merge,
+                       writes="checkpoint")
 
 
 def on_method(name: str) -> tuple[str, dict, dict]:
@@ -341,15 +352,10 @@ def build_merge_panel(gr, ctx: UiContext) -> None:
                                  info=f"saved in {out_dir[0]}" if out_dir else "no checkpoint folder configured",
                                  elem_id="sdtune_merge_output")
         c["overwrite"] = gr.Checkbox(label="Overwrite an existing file", value=False, elem_id="sdtune_merge_overwrite")
-    with gr.Row():
-        preview_btn = gr.Button("Preview recipe", elem_id="sdtune_merge_preview")
-        run_btn = gr.Button("Run merge", variant="primary", elem_id="sdtune_merge_run")
-        stop_btn = gr.Button("Stop", elem_id="sdtune_merge_stop")
-    status = gr.Textbox(label="Status", interactive=False, elem_id="sdtune_merge_status")
-    result = gr.Textbox(label="Result", lines=4, interactive=False, elem_id="sdtune_merge_result")
+    preview_btn = gr.Button("Preview recipe", elem_id="sdtune_merge_preview")
+    controls = job_controls(gr, ctx, "merge", "Run merge")
     preview = gr.Code(label="Recipe preview (what the output's metadata will hold)", language="json",
                       interactive=False, elem_id="sdtune_merge_recipe")
-    job_id = gr.State(None)
 
     form = [c[name] for name in FIELDS]
     slider_list = [sliders[s] for s in SLIDER_SLOTS]
@@ -362,13 +368,11 @@ def build_merge_panel(gr, ctx: UiContext) -> None:
         text, beta, model_c = on_method(name)
         return text, gr.update(**beta), gr.update(**model_c)
 
-    def run(*values):
-        yield from run_merge(ctx, *values)
-
     def keep_or(value):
         return gr.update() if value is None else value
 
-    refresh.click(fn=refresh_lists, inputs=[], outputs=[c["model_a"], c["model_b"], c["model_c"], c["vae"]])
+    refresh.click(fn=refresh_lists, inputs=[], outputs=[c["model_a"], c["model_b"], c["model_c"], c["vae"]],
+                  **quick_event(gr))
     c["method"].change(fn=method_changed, inputs=[c["method"]], outputs=[formula, c["beta"], c["model_c"]])
     c["model_a"].change(fn=lambda name, layout: detect_layout(folders, name) or layout,
                         inputs=[c["model_a"], c["layout"]], outputs=[c["layout"]])
@@ -383,9 +387,17 @@ def build_merge_panel(gr, ctx: UiContext) -> None:
                        inputs=[c["preset"], c["layout"]], outputs=[c["blocks"], *slider_list])
     for s in slider_list:
         s.input(fn=on_sliders, inputs=[c["layout"], *slider_list], outputs=[c["blocks"], c["preset"]])
+    def blocks_edited(text, layout):
+        *values, note = on_blocks_text(text, layout)
+        return [*(keep_or(v) for v in values), status_html(ctx, note, None) if note else gr.update()]
+
     for event in (c["blocks"].blur, c["blocks"].submit):
-        event(fn=lambda text, layout: [keep_or(v) for v in on_blocks_text(text, layout)],
-              inputs=[c["blocks"], c["layout"]], outputs=[*slider_list, c["preset"], status])
-    preview_btn.click(fn=lambda *v: preview_recipe(ctx, *v), inputs=form, outputs=[status, preview])
-    run_btn.click(fn=run, inputs=form, outputs=[status, result, job_id])
-    stop_btn.click(fn=lambda jid: stop(ctx, jid), inputs=[job_id], outputs=[status], queue=False)
+        event(fn=blocks_edited, inputs=[c["blocks"], c["layout"]], outputs=[*slider_list, c["preset"],
+                                                                            controls.status])
+
+    def preview_events(*values):
+        line, recipe = preview_recipe(ctx, *values)
+        return status_html(ctx, line, None), recipe
+
+    preview_btn.click(fn=preview_events, inputs=form, outputs=[controls.status, preview], **quick_event(gr))
+    wire_job(gr, ctx, controls, run_merge, form)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from ..errors import SdtuneError
-from ..host import list_files
+from ..host import list_files, list_folders, resolve_folder
+from .compat import follower_event, quick_event
 from .context import UiContext
 from .tools_common import (
     LORA_EXTS,
@@ -23,13 +24,13 @@ from .tools_common import (
     checkpoint_output_roots,
     devices,
     guarded,
+    job_controls,
     listed,
-    listed_folder,
     lora_output_roots,
     output_path,
     run_job,
-    stop,
-    subfolders,
+    status_html,
+    wire_job,
 )
 
 TE_OVERRIDE, TE_BLEND, LORA_STRIP, LORA_SCALE, MERGE_BACK = (
@@ -132,7 +133,7 @@ def run_fix(ctx: UiContext, *values) -> Iterator[Update]:
                               scale=float(f.scale) if f.tool == LORA_SCALE else None, unet_blocks=_lbw(f.unet_blocks),
                               te=f.te, overwrite=over)
         yield from run_job(ctx, f"LoRA TE -> {out.name}", lambda jc: repair_lora_te(config, jc.progress, jc.cancelled),
-                           describe_lora_te)
+                           describe_lora_te, writes="lora")
         return
     model = listed(f.model, ckpts, "model")
     donor = listed(f.donor, ckpts, "base" if f.tool == MERGE_BACK else "donor")
@@ -143,16 +144,16 @@ def run_fix(ctx: UiContext, *values) -> Iterator[Update]:
                             dtype=f.dtype)
         yield from run_job(ctx, f"merge back -> {out.name}", lambda jc: merge_checkpoints(merge, jc.progress,
                                                                                           jc.cancelled),
-                           describe_merge)
+                           describe_merge, writes="checkpoint")
     elif f.tool == TE_OVERRIDE:
         te = TeOverrideConfig(model, donor, str(out), te=f.te, position_ids=f.position_ids, overwrite=over)
         yield from run_job(ctx, f"TE override -> {out.name}", lambda jc: override_te(te, jc.progress, jc.cancelled),
-                           describe_te)
+                           describe_te, writes="checkpoint")
     else:
         blend = TeBlendConfig(model, donor, str(out), alpha=float(f.alpha), layers=_layers(f.layers), te=f.te,
                               position_ids=f.position_ids, overwrite=over)
         yield from run_job(ctx, f"TE blend -> {out.name}", lambda jc: blend_te(blend, jc.progress, jc.cancelled),
-                           describe_te)
+                           describe_te, writes="checkpoint")
 
 
 def on_tool(tool: str) -> tuple[dict[str, bool], Optional[str]]:
@@ -296,8 +297,8 @@ def run_diagnose(ctx: UiContext, *values) -> Iterator[Update]:
     base = listed(f.base, ctx.folders.checkpoints, "base")
     is_lora = f.kind == "LoRA"
     tuned = listed(f.lora, ctx.folders.loras, "LoRA") if is_lora else listed(f.model, ctx.folders.checkpoints, "model")
-    dataset = None if not f.dataset or f.dataset == NO_DATASET else listed_folder(f.dataset, ctx.folders.datasets,
-                                                                                  "dataset")
+    dataset = None if not f.dataset or f.dataset == NO_DATASET else str(resolve_folder(f.dataset,
+                                                                                       ctx.folders.datasets))
     max_tags = float(f.max_tags if f.max_tags not in (None, "") else 64)
     if max_tags != int(max_tags):
         raise SdtuneError(f"max tags: {f.max_tags!r} must be a whole number")
@@ -313,7 +314,7 @@ def run_pick_epoch(ctx: UiContext, run_dir: str, base: Optional[str], device: st
     from ..repair.epochs import pick_epoch
 
     roots = list(ctx.folders.loras) + list(ctx.folders.checkpoints)
-    folder = listed_folder((run_dir or "").strip() or ".", roots, "run")
+    folder = str(resolve_folder((run_dir or "").strip() or ".", roots, "run"))
     base_path = None if not base or base == NO_BASE else listed(base, ctx.folders.checkpoints, "base")
     yield from run_job(ctx, f"rank epochs of {Path(folder).name}",
                        lambda jc: pick_epoch(folder, base_path, jc.progress, jc.cancelled, device=device or "cpu"),
@@ -344,22 +345,17 @@ def build_repair_panel(gr, ctx: UiContext) -> None:
             d["model"] = ckpts("Tuned checkpoint", visible=False, elem_id="sdtune_repair_model")
             d["base"] = ckpts("Base checkpoint (what it was trained from)", elem_id="sdtune_repair_base")
         with gr.Row():
-            d["dataset"] = gr.Dropdown(choices=[NO_DATASET, *subfolders(folders.datasets)], value=NO_DATASET,
+            d["dataset"] = gr.Dropdown(choices=[NO_DATASET, *list_folders(folders.datasets)], value=NO_DATASET,
                                        label="Dataset (its tags are tested)", elem_id="sdtune_repair_dataset")
             d["strength"] = gr.Slider(minimum=0.0, maximum=2.0, value=1.0, step=0.05, label="LoRA strength")
             d["max_tags"] = gr.Number(value=64, precision=0, label="Tags tested (most frequent)")
-            d["device"] = gr.Radio(choices=devices(), value="cpu", label="Device")
-        with gr.Row():
-            diag_run = gr.Button("Diagnose", variant="primary", elem_id="sdtune_repair_diagnose")
-            diag_stop = gr.Button("Stop", elem_id="sdtune_repair_diagnose_stop")
-        diag_status = gr.Textbox(label="Status", interactive=False, elem_id="sdtune_repair_diagnose_status")
-        with gr.Row():
-            diag_text = gr.Textbox(label="Report", lines=18, interactive=False, elem_id="sdtune_repair_report")
-            diag_chart = gr.Image(label="Chart", type="pil", interactive=False, elem_id="sdtune_repair_chart")
+            d["device"] = gr.Radio(choices=devices(ctx), value="cpu", label="Device")
+        diag = job_controls(gr, ctx, "repair_diagnose", "Diagnose", 18, "Report")
+        diag_chart = gr.Image(label="Chart", type="pil", interactive=False, elem_id="sdtune_repair_chart")
         with gr.Row():
             fix_buttons = [gr.Button(f"Fix {i + 1}", visible=False, elem_id=f"sdtune_repair_fix_{i}")
                            for i in range(MAX_FIXES)]
-        fixes_state, diag_job = gr.State([]), gr.State(None)
+        fixes_state = gr.State([])
 
     with gr.Accordion("Repair", open=True):
         r: dict = {}
@@ -384,12 +380,7 @@ def build_repair_panel(gr, ctx: UiContext) -> None:
             r["output"] = gr.Textbox(label="Output name", placeholder="repaired.safetensors",
                                      elem_id="sdtune_repair_output")
             r["overwrite"] = gr.Checkbox(label="Overwrite an existing file", value=False)
-        with gr.Row():
-            fix_run = gr.Button("Run repair", variant="primary", elem_id="sdtune_repair_run")
-            fix_stop = gr.Button("Stop", elem_id="sdtune_repair_stop")
-        fix_status = gr.Textbox(label="Status", interactive=False, elem_id="sdtune_repair_status")
-        fix_result = gr.Textbox(label="Result", lines=4, interactive=False, elem_id="sdtune_repair_result")
-        fix_job = gr.State(None)
+        fix_controls = job_controls(gr, ctx, "repair", "Run repair")
 
     with gr.Accordion("Rank epochs (which epoch of a run to keep)", open=False):
         with gr.Row():
@@ -397,19 +388,15 @@ def build_repair_panel(gr, ctx: UiContext) -> None:
                                  value=".", elem_id="sdtune_repair_run_dir")
             epoch_base = gr.Dropdown(choices=[NO_BASE, *list_files(folders.checkpoints)], value=NO_BASE,
                                      label="Base (measures drift per epoch)", elem_id="sdtune_repair_epoch_base")
-            epoch_device = gr.Radio(choices=devices(), value="cpu", label="Device")
-        with gr.Row():
-            epoch_run = gr.Button("Rank epochs", variant="primary", elem_id="sdtune_repair_epochs")
-            epoch_stop = gr.Button("Stop", elem_id="sdtune_repair_epochs_stop")
-        epoch_status = gr.Textbox(label="Status", interactive=False)
-        epoch_text = gr.Textbox(label="Ranking", lines=10, interactive=False, elem_id="sdtune_repair_ranking")
-        epoch_job = gr.State(None)
+            epoch_device = gr.Radio(choices=devices(ctx), value="cpu", label="Device")
+        epoch_controls = job_controls(gr, ctx, "repair_epochs", "Rank epochs", 10, "Ranking")
 
     def keep(value):
         return gr.update() if value is None else value
 
     def diagnose_events(*values):
-        for status, view, jid in run_diagnose(ctx, *values):
+        for line, view, jid in run_diagnose(ctx, *values):
+            status = status_html(ctx, line, jid)
             if not isinstance(view, DiagnosisView):
                 yield [status, gr.update(), gr.update(), gr.update(), gr.update(), jid,
                        *(gr.update() for _ in fix_buttons)]
@@ -427,30 +414,22 @@ def build_repair_panel(gr, ctx: UiContext) -> None:
         shown, position_ids = on_tool(tool)
         return [gr.update(visible=shown[n]) for n in shown] + [keep(position_ids)]
 
-    def fix_events(*values):
-        yield from run_fix(ctx, *values)
-
-    def epoch_events(*values):
-        yield from run_pick_epoch(ctx, *values)
-
     def refresh_lists():
         c, lo = list_files(folders.checkpoints), list_files(folders.loras, LORA_EXTS)
         return ([gr.update(choices=c)] * len(ckpt_dd) + [gr.update(choices=lo)] * len(lora_dd) +
-                [gr.update(choices=[NO_DATASET, *subfolders(folders.datasets)]), gr.update(choices=[NO_BASE, *c])])
+                [gr.update(choices=[NO_DATASET, *list_folders(folders.datasets)]), gr.update(choices=[NO_BASE, *c])])
 
     fix_form = [r[name] for name in FIX_FIELDS]
     shown_fields = list(on_tool(TE_OVERRIDE)[0])
-    refresh.click(fn=refresh_lists, inputs=[], outputs=[*ckpt_dd, *lora_dd, d["dataset"], epoch_base])
+    refresh.click(fn=refresh_lists, inputs=[], outputs=[*ckpt_dd, *lora_dd, d["dataset"], epoch_base],
+                  **quick_event(gr))
     d["kind"].change(fn=lambda kind: [gr.update(visible=kind == "LoRA"), gr.update(visible=kind != "LoRA")],
                      inputs=[d["kind"]], outputs=[d["lora"], d["model"]])
-    diag_run.click(fn=diagnose_events, inputs=[d[name] for name in DIAGNOSE_FIELDS],
-                   outputs=[diag_status, diag_text, diag_chart, fixes_state, run_dir, diag_job, *fix_buttons])
-    diag_stop.click(fn=lambda jid: stop(ctx, jid), inputs=[diag_job], outputs=[diag_status], queue=False)
+    diag.run.click(fn=diagnose_events, inputs=[d[name] for name in DIAGNOSE_FIELDS],
+                   outputs=[diag.status, diag.result, diag_chart, fixes_state, run_dir, diag.job_id, *fix_buttons],
+                   **follower_event(gr))
     for i, button in enumerate(fix_buttons):
-        button.click(fn=fill(i), inputs=[fixes_state], outputs=fix_form)
+        button.click(fn=fill(i), inputs=[fixes_state], outputs=fix_form, **quick_event(gr))
     r["tool"].change(fn=tool_changed, inputs=[r["tool"]], outputs=[*(r[n] for n in shown_fields), r["position_ids"]])
-    fix_run.click(fn=fix_events, inputs=fix_form, outputs=[fix_status, fix_result, fix_job])
-    fix_stop.click(fn=lambda jid: stop(ctx, jid), inputs=[fix_job], outputs=[fix_status], queue=False)
-    epoch_run.click(fn=epoch_events, inputs=[run_dir, epoch_base, epoch_device],
-                    outputs=[epoch_status, epoch_text, epoch_job])
-    epoch_stop.click(fn=lambda jid: stop(ctx, jid), inputs=[epoch_job], outputs=[epoch_status], queue=False)
+    wire_job(gr, ctx, fix_controls, run_fix, fix_form)
+    wire_job(gr, ctx, epoch_controls, run_pick_epoch, [run_dir, epoch_base, epoch_device])
