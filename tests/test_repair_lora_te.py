@@ -48,7 +48,7 @@ def loras(tiny_fp32_checkpoints, tmp_path_factory):
                     for _, p in (m.lyco if hasattr(m, "lyco") else m).named_parameters():
                         p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             path = root / f"{arch}-{kind}.safetensors"
-            save_lora(net, path, dtype=torch.float32)
+            save_lora(net, path, metadata={"ss_network_train_unet_only": "False"}, dtype=torch.float32)
             cache[arch, kind] = (path, net)
         return cache[arch, kind]
 
@@ -84,14 +84,16 @@ def test_strip_removes_te_modules_and_keeps_unet_bytes(loras, tmp_path: Path, ar
     assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == precalculate_hashes(state, meta)
     assert meta["sshs_model_hash"] != src_meta.get("sshs_model_hash")
     assert json.loads(meta["sdtune_repair_recipe"])["lora"]["sha256"] == before
+    assert src_meta["ss_network_train_unet_only"] == "False" and meta["ss_network_train_unet_only"] == "True"
 
 
 def test_strip_one_sdxl_encoder(loras, tmp_path: Path) -> None:
     path, _ = loras("sdxl")
     out = tmp_path / "o.safetensors"
     repair_lora_te(LoraTeConfig(str(path), str(out), strip=True, te="2"))
-    state, _ = load_lora(out)
+    state, meta = load_lora(out)
     assert any(k.startswith("lora_te1_") for k in state) and not any(k.startswith("lora_te2_") for k in state)
+    assert meta["ss_network_train_unet_only"] == "False"  # TE1 is still trained
 
 
 @pytest.mark.parametrize(("arch", "kind"), [("sd1", "lora"), ("sd1", "loha"), ("sd1", "lokr"), ("sd1", "full"),

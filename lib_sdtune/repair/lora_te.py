@@ -162,6 +162,8 @@ def repair_lora_te(config: LoraTeConfig, progress: Optional[Progress] = None,
               else [float(v) for v in config.unet_blocks]}
     meta = {k: v for k, v in metadata.items() if not k.startswith("modelspec.hash")}
     meta[RECIPE_KEY] = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    if "ss_network_train_unet_only" in meta and not any(te_of(k.split(".", 1)[0]) for k in tensors):
+        meta["ss_network_train_unet_only"] = "True"  # what the file now is (A1111 and trainers read this)
     write_lora(tensors, out, meta)
     result.seconds = time.perf_counter() - started
     return result
