@@ -325,6 +325,7 @@ def build_merge_panel(gr, ctx: UiContext) -> None:
         def slider(slot: str):
             sliders[slot] = gr.Slider(minimum=-1.0, maximum=2.0, value=DEFAULT_BLOCK, step=0.01, label=slot,
                                       visible=slot != "VAE", elem_id=f"sdtune_merge_block_{slot}")
+
         with gr.Row():
             for slot in ("BASE", "MID", "VAE"):
                 slider(slot)
@@ -376,17 +377,19 @@ def build_merge_panel(gr, ctx: UiContext) -> None:
     c["method"].change(fn=method_changed, inputs=[c["method"]], outputs=[formula, c["beta"], c["model_c"]])
     c["model_a"].change(fn=lambda name, layout: detect_layout(folders, name) or layout,
                         inputs=[c["model_a"], c["layout"]], outputs=[c["layout"]])
+
     def layout_changed(layout, *values):
         text, *shown = on_layout(layout, *values)
         return [text, *(gr.update(visible=v) for v in shown)]
 
     c["layout"].change(fn=layout_changed, inputs=[c["layout"], *slider_list], outputs=[c["blocks"], *slider_list])
-    # .change (not .input, which gradio 3.41/4.40 do not fire on a pick): a preset set by the sliders or the
-    # list matches them already, so filling them again changes nothing and nothing loops
+    # .change (gradio 3.41 fires no .input when an option is picked): a preset set by the sliders or the list
+    # matches them already, so filling them again changes nothing, and nothing loops
     c["preset"].change(fn=lambda name, layout: [keep_or(v) for v in on_preset(name, layout)],
                        inputs=[c["preset"], c["layout"]], outputs=[c["blocks"], *slider_list])
     for s in slider_list:
         s.input(fn=on_sliders, inputs=[c["layout"], *slider_list], outputs=[c["blocks"], c["preset"]])
+
     def blocks_edited(text, layout):
         *values, note = on_blocks_text(text, layout)
         return [*(keep_or(v) for v in values), status_html(ctx, note, None) if note else gr.update()]
