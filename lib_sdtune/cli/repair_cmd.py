@@ -1,13 +1,11 @@
-"""`repair ...`: text-encoder override/blend for checkpoints, LoRA TE surgery; diagnosis is not built yet."""
+"""`repair ...`: text-encoder override/blend for checkpoints, LoRA TE surgery, over-fit diagnosis, epoch picker."""
 
 from __future__ import annotations
 
 import argparse
 
 from .lora_cmd import _blocks, _run
-from .pending import not_built
 
-ISSUE = 7
 TE_CHOICES = ("1", "2", "both")
 TE_HELP = "SDXL: which text encoder(s), 1 (CLIP-L), 2 (OpenCLIP bigG) or both (default)"
 EPILOG = """An over-fitted model (tags stop working, odd details, thick lines) is usually repaired in one of these ways:
@@ -17,9 +15,26 @@ EPILOG = """An over-fitted model (tags stop working, odd details, thick lines) i
   merge back    the whole model toward its base (or another model): that is `merge` with weighted_sum, e.g.
                 python -m lib_sdtune merge TUNED.safetensors BASE.safetensors --alpha 0.3 -o OUT.safetensors
                 (--te-alpha / --unet-alpha / --blocks give per-part ratios; see `merge --help`)
-  an earlier epoch: use the run's earlier file (`repair pick-epoch` will rank them; not built yet)
+  an earlier epoch: use the run's earlier file; `repair pick-epoch RUN_DIR --base B` ranks them
+To find out which applies, `repair diagnose` compares the model (or LoRA) with its base, without generating images.
 
 Every tool writes a new file (atomically) and never touches its inputs."""
+
+DIAGNOSE_EPILOG = """What it measures (no image generation; a CPU is enough):
+  text encoder  the dataset's tags (--dataset, else the file's ss_tag_frequency) and 12 neutral control prompts
+                through the base and the tuned encoder(s) (SDXL: both): cosine per prompt (1 = unchanged),
+                how much more alike different tags became (collapse), the most drifted tags
+  U-Net         relative weight change |dW|/|W| per block (merge/LBW block names); for a LoRA also per module,
+                its effective rank and the text-encoder share of the update
+Each verdict prints its number, the threshold and the repair command. Thresholds and why they are what they
+are: lib_sdtune/repair/diagnose_thresholds.py. With -o, REPORT_DIR gets report.json, report.txt, report.png."""
+
+PICK_EPOCH_EPILOG = """How the epoch to keep is chosen:
+  validation loss + --base  lowest validation loss among epochs whose diagnosis passes (ties within 1%: earliest)
+  validation loss only      lowest validation loss (ties: earliest); drift is not measured
+  --base only               the last epoch whose diagnosis still passes
+  neither                   no pick: the training loss falls whether a run learns or over-fits
+Validation loss comes from the trainer's <name>-log.json (train with validation_split > 0)."""
 
 LBW_HELP = ("U-Net block weights of the LoRA: 17 (SD) or 12 (SDXL) values as the LoRA Block Weight extension "
             "writes them, 26 (BASE,IN00..IN11,MID,OUT00..OUT11) / 20 (SDXL), or a preset name; BASE multiplies the "
@@ -27,7 +42,7 @@ LBW_HELP = ("U-Net block weights of the LoRA: 17 (SD) or 12 (SDXL) values as the
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("repair", help="over-fit repair: TE override/blend, LoRA TE surgery (diagnosis not built yet)",
+    p = sub.add_parser("repair", help="over-fit repair: TE override/blend, LoRA TE surgery, diagnosis, epoch picker",
                        description="Repair over-fitted checkpoints and LoRAs.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     rsub = p.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
@@ -38,11 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                  "Write MODEL with TE = (1-alpha)*MODEL.TE + alpha*DONOR.TE (position_ids never mixed); every "
                  "other tensor of MODEL is copied bit for bit.")
     _register_lora(rsub)
-    for name, what in (("diagnose", "over-fit report (JSON, text, PNG)"), ("pick-epoch", "rank a run's epoch files")):
-        q = rsub.add_parser(name, help=f"{what} (not built yet)",
-                            description=f"{what}. Not built yet in this version (issue #{ISSUE}).")
-        q.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        q.set_defaults(func=not_built, issue=ISSUE)
+    _register_diagnose(rsub)
+    _register_pick_epoch(rsub)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -83,6 +95,43 @@ def _register_lora(rsub: argparse._SubParsersAction) -> None:
     p.add_argument("--te", choices=TE_CHOICES, default="both", help=TE_HELP)
     _common(p)
     p.set_defaults(func=run_lora_te)
+
+
+def _register_diagnose(rsub: argparse._SubParsersAction) -> None:
+    p = rsub.add_parser("diagnose", help="over-fit report of a checkpoint or LoRA against its base (JSON, text, PNG)",
+                        description="Compare a tuned checkpoint (--model) or a LoRA/LyCORIS file (--lora) with its "
+                                    "base model and say which over-fit symptoms show, by how much, and what repairs "
+                                    "them.",
+                        epilog=DIAGNOSE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", metavar="M", help="the tuned checkpoint")
+    what.add_argument("--lora", metavar="L", help="a LoRA/LyCORIS .safetensors file")
+    p.add_argument("--base", required=True, metavar="B", help="the checkpoint it was trained from")
+    p.add_argument("--dataset", metavar="DIR", help="the dataset folder whose caption tags to test (default: the "
+                                                    "file's ss_tag_frequency)")
+    p.add_argument("--strength", type=float, default=1.0, help="LoRA strength to judge it at (default 1)")
+    p.add_argument("--max-tags", type=int, default=64, help="test at most this many most frequent tags (default 64)")
+    p.add_argument("--device", help="where the text encoders run (default cpu)")
+    p.add_argument("-o", "--output", metavar="REPORT_DIR", help="write report.json, report.txt, report.png here")
+    p.add_argument("--overwrite", action="store_true", help="replace reports already in REPORT_DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run_diagnose)
+
+
+def _register_pick_epoch(rsub: argparse._SubParsersAction) -> None:
+    p = rsub.add_parser("pick-epoch", help="rank a run's epoch files and say which to keep",
+                        description="Rank the epoch files of a training output folder (<name>-000001.safetensors "
+                                    "..., <name>.safetensors, <name>-log.json) by validation loss and, with --base, "
+                                    "by the over-fit diagnosis of each epoch; say which to keep and why.",
+                        epilog=PICK_EPOCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the training output folder")
+    p.add_argument("--base", metavar="B", help="the checkpoint the run trained on (measures each epoch's drift)")
+    p.add_argument("--name", help="the run's output name, when the folder holds several runs")
+    p.add_argument("--device", help="where the text encoders run (default cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run_pick_epoch)
 
 
 def _layers(texts: list[str]) -> tuple[tuple[float, ...], ...]:
@@ -129,4 +178,49 @@ def run_lora_te(args: argparse.Namespace) -> int:
         lines.append(f"  {len(result.unplaced)} U-Net modules are in no LBW block and were left as they were, e.g. "
                      f"{result.unplaced[0]}")
     emit(result.to_dict(), args.json, "\n".join(lines))
+    return 0
+
+
+def _report_dir(output: str, overwrite: bool):
+    """The report folder, refused when it is a file or already holds a report (without --overwrite)."""
+    from pathlib import Path
+
+    from ..errors import SdtuneError
+    from ..repair.diagnose_report import REPORT_FILES
+
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise SdtuneError(f"output: {folder} is a file; -o names the folder the reports go into")
+    present = [n for n in REPORT_FILES if (folder / n).exists()]
+    if present and not overwrite:
+        raise SdtuneError(f"output: {folder} already holds {present[0]}; choose another folder or pass --overwrite "
+                          f"to replace the reports")
+    return folder
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    from ..repair.diagnose import DiagnoseConfig, diagnose
+    from . import emit
+
+    folder = _report_dir(args.output, args.overwrite) if args.output else None
+    config = DiagnoseConfig(args.base, model=args.model, lora=args.lora, dataset=args.dataset,
+                            lora_strength=args.strength, max_tags=args.max_tags, device=args.device)
+    report = _run(args, "diagnose", lambda progress: diagnose(config, progress=progress))
+    result = report.to_dict()
+    text = report.format_text()
+    if folder is not None:
+        paths = report.write(folder)
+        result = {"output": str(folder), "files": [str(p) for p in paths], **result}
+        text += f"wrote {', '.join(str(p) for p in paths)}\n"
+    emit(result, args.json, text)
+    return 0
+
+
+def run_pick_epoch(args: argparse.Namespace) -> int:
+    from ..repair.epochs import pick_epoch
+    from . import emit
+
+    ranking = _run(args, "pick-epoch", lambda progress: pick_epoch(args.run_dir, args.base, progress=progress,
+                                                                    name=args.name, device=args.device))
+    emit(ranking.to_dict(), args.json, ranking.format_text())
     return 0
