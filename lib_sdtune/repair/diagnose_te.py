@@ -206,13 +206,14 @@ class LoraTePatch:
                 continue
             layer = self._layer(t)
             w = layer.weight
-            try:
-                w.add_(m.delta(w, s).reshape(w.shape).to(w.dtype))
+            try:  # ΔW is built on the CPU from the file's tensors (DoRA also reads the base weight)
+                delta = m.delta(w.detach().cpu() if m.dora else w, s)
             except SdtuneError as e:
                 raise SdtuneError(f"{e} (base: {self.base_path})") from e
+            w.add_(delta.reshape(w.shape).to(device=w.device, dtype=w.dtype))
             db = m.delta_bias(s)
             if db is not None and layer.bias is not None:
-                layer.bias.add_(db.reshape(layer.bias.shape).to(layer.bias.dtype))
+                layer.bias.add_(db.reshape(layer.bias.shape).to(layer.bias))
 
     @torch.no_grad()
     def restore(self) -> None:
