@@ -305,7 +305,7 @@ def run_diagnose(ctx: UiContext, *values) -> Iterator[Update]:
     config = DiagnoseConfig(base, model=None if is_lora else tuned, lora=tuned if is_lora else None, dataset=dataset,
                             lora_strength=float(f.strength), max_tags=int(max_tags), device=f.device or "cpu")
     yield from run_job(ctx, f"diagnose {Path(tuned).name}", lambda jc: diagnose(config, jc.progress, jc.cancelled),
-                       lambda report: diagnosis_view(ctx, report), uses_gpu=True)
+                       lambda report: diagnosis_view(ctx, report), uses_gpu=config.device != "cpu")
 
 
 @guarded
@@ -316,9 +316,10 @@ def run_pick_epoch(ctx: UiContext, run_dir: str, base: Optional[str], device: st
     roots = list(ctx.folders.loras) + list(ctx.folders.checkpoints)
     folder = str(resolve_folder((run_dir or "").strip() or ".", roots, "run"))
     base_path = None if not base or base == NO_BASE else listed(base, ctx.folders.checkpoints, "base")
+    device = device or "cpu"
     yield from run_job(ctx, f"rank epochs of {Path(folder).name}",
-                       lambda jc: pick_epoch(folder, base_path, jc.progress, jc.cancelled, device=device or "cpu"),
-                       lambda ranking: ranking.format_text(), uses_gpu=base_path is not None)
+                       lambda jc: pick_epoch(folder, base_path, jc.progress, jc.cancelled, device=device),
+                       lambda ranking: ranking.format_text(), uses_gpu=base_path is not None and device != "cpu")
 
 
 def build_repair_panel(gr, ctx: UiContext) -> None:
