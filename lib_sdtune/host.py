@@ -110,7 +110,7 @@ def resolve_folder(name: str, roots: Iterable[Path], what: str = "dataset") -> P
     name = (name or "").strip()
     if not name:
         raise SdtuneError(f"choose a {what} folder first")
-    candidates = [Path(name)] if Path(name).is_absolute() else [Path(r) / name for r in roots]
+    candidates = [Path(name)] if Path(name).is_absolute() else [Path(r).resolve() / name for r in roots]
     for cand in candidates:
         if cand.is_dir():
             return confine(cand, roots, f"{what} folder")

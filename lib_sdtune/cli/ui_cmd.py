@@ -38,7 +38,7 @@ def run_ui(args: argparse.Namespace) -> int:
         from ..webui.settings import ui_settings
     except ImportError as e:
         raise SdtuneError("the standalone UI needs gradio: pip install 'gradio>=3.41.2'") from e
-    folders = HostFolders.under(args.models_dir, args.datasets_dir or "datasets")
+    folders = HostFolders.under(Path(args.models_dir).resolve(), Path(args.datasets_dir or "datasets").resolve())
     settings = ui_settings({"sdtune_precision": args.precision, "sdtune_output_dir": args.output_dir or "",
                             "sdtune_tagger_dir": args.tagger_dir or ""}, Path(args.models_dir))
     serve(UiContext(folders, settings=settings), args.host, args.port)

@@ -300,7 +300,7 @@ def build_dataset_panel(gr, ctx: UiContext) -> None:
     from .compat import follower_event, quick_event
 
     with gr.Row():
-        dataset = gr.Dropdown(choices=list_folders(ctx.folders.datasets), label="Dataset folder",
+        dataset = gr.Dropdown(choices=list_folders(ctx.folders.datasets), value=None, label="Dataset folder",
                               allow_custom_value=True, elem_id="sdtune_ds_dataset", scale=4)
         ext = gr.Textbox(value=".txt", label="Caption extension", elem_id="sdtune_ds_ext", scale=1)
         load = gr.Button("Load", variant="primary", elem_id="sdtune_ds_load", scale=1)

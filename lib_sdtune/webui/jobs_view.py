@@ -65,9 +65,10 @@ def job_status(snap: JobSnapshot) -> str:
 
 
 def progress_html(snap: Optional[JobSnapshot], line: str = "") -> str:
-    """A progress bar with a status line under it (inline styles: the host loads no CSS for it)."""
+    """A progress bar with a status line under it (inline styles: the host loads no CSS for it); without a job,
+    the line alone (an error, "Nothing is running")."""
     if snap is None:
-        return ""
+        return f'<div class="sdtune-status">{html.escape(line)}</div>' if line else ""
     colour = {"running": "#3b82f6", "done": "#22c55e", "cancelled": "#f59e0b", "failed": "#ef4444"}[snap.state]
     width = 100 if snap.state == "done" else round(100 * snap.fraction, 1)
     text = html.escape(line or job_status(snap))

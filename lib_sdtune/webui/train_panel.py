@@ -174,7 +174,8 @@ def prepare_run(ctx: UiContext, form: TrainForm) -> PreparedRun:
         cfg.sample_prompts = str(prompt_file)
         if not cfg.sample_every_n_epochs and not cfg.sample_every_n_steps:
             cfg.sample_every_n_epochs = 1
-    shown = [f"{k} = {v}" for k, v in changes.items()] + [line.replace("=", " = ", 1) for line in extra]
+    shown = [f"{k} = {'(unset)' if v is None else v}" for k, v in changes.items()]
+    shown += [line.replace("=", " = ", 1) for line in extra]
     return PreparedRun(cfg, notes, run_dir, name, shown)
 
 
@@ -367,7 +368,7 @@ def build_train_panel(gr, ctx: UiContext) -> None:
     with gr.Row():
         model = gr.Dropdown(choices=list_files(ctx.folders.checkpoints), label="Base model",
                             elem_id="sdtune_train_model", scale=3)
-        dataset = gr.Dropdown(choices=list_folders(ctx.folders.datasets), label="Dataset folder",
+        dataset = gr.Dropdown(choices=list_folders(ctx.folders.datasets), value=None, label="Dataset folder",
                               allow_custom_value=True, elem_id="sdtune_train_dataset", scale=3,
                               info="the folder holding the <repeats>_<name> image folders")
         refresh = gr.Button("Refresh lists", elem_id="sdtune_train_refresh", scale=1)
@@ -382,8 +383,8 @@ def build_train_panel(gr, ctx: UiContext) -> None:
         with gr.Row():
             optimizer = gr.Dropdown(choices=[PLAN_CHOICE, *KNOWN_OPTIMIZERS], value=PLAN_CHOICE, label="Optimizer",
                                     info="the plan sets the learning rates for it", elem_id="sdtune_train_optimizer")
-            reg = gr.Dropdown(choices=list_folders(ctx.folders.datasets), label="Regularization images (optional)",
-                              allow_custom_value=True, elem_id="sdtune_train_reg")
+            reg = gr.Dropdown(choices=list_folders(ctx.folders.datasets), value=None, allow_custom_value=True,
+                              label="Regularization images (optional)", elem_id="sdtune_train_reg")
         boxes = []
         for start in range(0, len(FIELDS), 5):
             with gr.Row():
@@ -399,7 +400,6 @@ def build_train_panel(gr, ctx: UiContext) -> None:
         start = gr.Button("Start", variant="primary", elem_id="sdtune_train_start")
         stop = gr.Button("Stop", variant="stop", elem_id="sdtune_train_stop")
         show = gr.Button("Show the running job", elem_id="sdtune_train_follow")
-    status = gr.Textbox(label="Status", interactive=False, elem_id="sdtune_train_status")
     bar = gr.HTML(elem_id="sdtune_train_progress")
     with gr.Row():
         chart = gr.Image(label="Loss (grey: per step, blue: average, orange: validation)", type="pil",
@@ -431,9 +431,9 @@ def build_train_panel(gr, ctx: UiContext) -> None:
                 *plan_fields(plan))
 
     def stream(job) -> Iterator[tuple]:
-        for line, html_bar, pic, gallery, text in follow_training(job):
-            yield (line, html_bar, gr.update() if pic is None else pic,
-                   gr.update() if gallery is None else gallery, text, job.id)
+        for _, html_bar, pic, gallery, text in follow_training(job):
+            yield (html_bar, gr.update() if pic is None else pic, gr.update() if gallery is None else gallery,
+                   text, job.id)
 
     def on_start(*values):
         try:
@@ -441,20 +441,21 @@ def build_train_panel(gr, ctx: UiContext) -> None:
         except Exception as e:  # noqa: BLE001 - shown in the panel
             job, error = None, error_text(e)
         if job is None:
-            yield error, "", gr.update(), gr.update(), error, None
+            yield progress_html(None, error), gr.update(), gr.update(), error, None
             return
         yield from stream(job)
 
     def on_show():
         job = latest_train_job(ctx)
         if job is None:
-            yield "Nothing has been trained since the WebUI started.", "", gr.update(), gr.update(), "", None
+            line = "Nothing has been trained since the WebUI started."
+            yield progress_html(None, line), gr.update(), gr.update(), "", None
             return
         yield from stream(job)
 
-    outputs = [status, bar, chart, samples, result, job_id]
+    outputs = [bar, chart, samples, result, job_id]
     refresh.click(fn=refresh_lists, inputs=[], outputs=[model, dataset, reg], **quick_event(gr))
     plan_btn.click(fn=on_plan, inputs=form_inputs, outputs=[plan_text, rank, output_name, *boxes])
     start.click(fn=on_start, inputs=form_inputs, outputs=outputs, **follower_event(gr))
     show.click(fn=on_show, inputs=[], outputs=outputs, **follower_event(gr))
-    stop.click(fn=lambda jid: stop_training(ctx, jid), inputs=[job_id], outputs=[status], **quick_event(gr))
+    stop.click(fn=lambda jid: stop_training(ctx, jid), inputs=[job_id], outputs=[result], **quick_event(gr))
