@@ -76,8 +76,9 @@ def checkpoint_drift(base: StateDictSource, model: StateDictSource, arch: ArchIn
                                 if g not in ("unet", "vae")}
 
     def compute(key: str, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
-        b, m = pair[0].float(), pair[1].float()
-        return float(torch.sub(m, b).square_().sum()), float(b.square().sum())
+        b, m = pair  # the difference in the files' dtype (exact for nearby values), the norms summed in fp32
+        delta = torch.linalg.vector_norm(m - b, dtype=torch.float32)
+        return float(delta) ** 2, float(torch.linalg.vector_norm(b, dtype=torch.float32)) ** 2
 
     def record(key: str, value: tuple[float, float]) -> None:
         groups[group_of(key, arch)].add(*value)  # type: ignore[index]
