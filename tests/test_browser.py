@@ -5,6 +5,7 @@ dataset. The tests open every sub-tab, train the tiny demo from the Train tab (l
 on disk), batch-edit tags and undo with the Ctrl+Z shortcut, and run a merge. Any browser console error fails
 the test. Screenshots go to build/test-artifacts/screenshots/ and, with SDTUNE_SCREENSHOTS=DIR, into DIR too.
 Requests that would leave 127.0.0.1 (web fonts) are answered empty, as the machine is offline.
+SDTUNE_UI_PYTHON=PATH serves the app with another interpreter (an A1111-like venv with gradio 3.41, say).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def app(tmp_path_factory, tiny_checkpoints):
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lib_sdtune", "ui", "--port", str(port), "--models-dir",
-                                 "models", "--datasets-dir", "datasets"], cwd=root, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        python = os.environ.get("SDTUNE_UI_PYTHON", sys.executable)
+        proc = subprocess.Popen([python, "-m", "lib_sdtune", "ui", "--port", str(port), "--models-dir", "models",
+                                 "--datasets-dir", "datasets"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + STARTUP_SECONDS
     try:
@@ -172,7 +173,9 @@ def choose(pg, elem_id: str, value: str) -> None:
 
 
 def open_tab(pg, label: str) -> None:
-    pg.get_by_role("tab", name=label, exact=True).click()
+    """Click a sub-tab (a role=tab button from gradio 4 on, a plain button in 3.41)."""
+    tab = pg.get_by_role("tab", name=label, exact=True)
+    (tab if tab.count() else pg.locator("#sdtune_tabs").get_by_role("button", name=label, exact=True)).click()
 
 
 def test_every_sub_tab_opens(page):
@@ -192,7 +195,7 @@ def test_tag_edit_and_undo_from_the_keyboard(page, app):
     open_tab(page, "Dataset")
     choose(page, "sdtune_ds_dataset", "demo/reg")
     page.locator("#sdtune_ds_load").click()
-    page.locator("#sdtune_ds_summary", has_text="12 images, 12 captioned").wait_for(timeout=20_000)
+    page.locator("#sdtune_ds_summary", has_text="12 images, 12 captioned").first.wait_for(timeout=20_000)
     assert page.locator("#sdtune_ds_gallery img").count() >= 12
     box(page, "sdtune_ds_arg").fill("browsertag")
     page.locator("#sdtune_ds_apply").click()
@@ -201,13 +204,13 @@ def test_tag_edit_and_undo_from_the_keyboard(page, app):
     page.locator("#sdtune_ds_gallery img").first.click()
     wait_value(page, "sdtune_ds_caption", lambda v: v.startswith("browsertag, "))
     shot(page, "dataset")
-    page.locator("#sdtune_ds_summary").click()  # focus outside the text fields, then Ctrl+Z: undo
+    page.locator("#sdtune_ds_summary").first.click()  # focus outside the text fields, then Ctrl+Z: undo
     page.keyboard.press("Control+z")
     wait_value(page, "sdtune_ds_edit_result", lambda v: v.startswith("Undid: restored 12 caption(s)"))
     assert caption.read_text() == before
     box(page, "sdtune_ds_caption").fill(before.strip() + ", typed here")
     box(page, "sdtune_ds_caption").press("Control+Enter")  # the editor's save shortcut
-    page.locator("#sdtune_ds_picked", has_text="Saved").wait_for(timeout=10_000)
+    page.locator("#sdtune_ds_picked", has_text="Saved").first.wait_for(timeout=10_000)
     assert caption.read_text().endswith("typed here")
     page.locator("#sdtune_ds_undo").click()
     wait_value(page, "sdtune_ds_edit_result", lambda v: v.startswith("Undid: restored 1 caption(s)"))

@@ -34,15 +34,15 @@ def build_blocks(ctx: UiContext):
     return blocks
 
 
-def javascript_head() -> str:
-    """The tab's javascript as a <head> snippet, for the standalone app (the WebUI injects the files itself)."""
+def javascript() -> str:
+    """The tab's javascript, for the standalone app (the WebUI injects javascript/*.js itself)."""
     scripts = sorted(JAVASCRIPT_DIR.glob("*.js")) if JAVASCRIPT_DIR.is_dir() else []
-    return "".join(f"<script>\n{p.read_text(encoding='utf-8')}\n</script>" for p in scripts)
+    return "\n".join(p.read_text(encoding="utf-8") for p in scripts)
 
 
 def serve(ctx: UiContext, host: str = "127.0.0.1", port: int = 7870, **launch: Any) -> Any:
     """Build and serve the standalone app with the queue on (progress streams through it) and our javascript."""
-    from .compat import launch_with_head
+    from .compat import launch_with_js
 
     blocks = build_blocks(ctx).queue()
-    return launch_with_head(blocks, javascript_head(), server_name=host, server_port=port, **launch)
+    return launch_with_js(blocks, javascript(), server_name=host, server_port=port, **launch)

@@ -26,11 +26,17 @@ def quick_event(gr: Any) -> dict[str, Any]:
     return {"show_progress": "minimal"}
 
 
-def launch_with_head(blocks: Any, head: str, **launch: Any) -> Any:
-    """Launch standalone with `head` (our javascript) where this gradio takes one: gradio 5/6 in launch(),
-    4.x as a Blocks attribute; gradio 3.41 has no place for it (the tab works without its shortcuts)."""
+def launch_with_js(blocks: Any, js: str, **launch: Any) -> Any:
+    """Launch standalone with our javascript: a <head> script in gradio 5/6 (launch) and 4.x (Blocks.head),
+    a page-load event in gradio 3.41 (which has no head)."""
+    if not js:
+        return blocks.launch(**launch)
+    head = f"<script>\n{js}\n</script>"
     if "head" in inspect.signature(blocks.launch).parameters:
         launch["head"] = head
     elif hasattr(blocks, "head"):
         blocks.head = head
+    else:
+        with blocks:
+            blocks.load(None, None, None, _js=f"() => {{\n{js}\n}}")
     return blocks.launch(**launch)
