@@ -158,11 +158,9 @@ def _singular_values(module: LoraModuleParts, weight: torch.Tensor, strength: fl
                      ) -> tuple[torch.Tensor, float]:
     """(singular values of ΔW at `strength`, ‖ΔW‖_F); plain LoRA from its factors, else from the dense ΔW."""
     lr = module.low_rank()
-    if lr is not None:  # σ² of up@down = eigenvalues of S·(down·downᵀ)·S with S = (upᵀ·up)^½, all r x r
-        vals, vecs = torch.linalg.eigh((lr.up.T @ lr.up).double())
-        root = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
-        sv = torch.linalg.eigvalsh(root @ (lr.down @ lr.down.T).double() @ root).clamp_min(0).sqrt()
-        sv = (sv * abs(lr.scale * strength)).float().flip(0)
+    if lr is not None:  # σ² of up@down = the eigenvalues of (upᵀ·up)(down·downᵀ), an r x r product of PSD matrices
+        gram = (lr.up.T @ lr.up).double() @ (lr.down @ lr.down.T).double()
+        sv = torch.linalg.eigvals(gram).real.clamp_min(0).sqrt() * abs(lr.scale * strength)
         return sv, float(sv.square().sum().sqrt())
     delta = module.delta(weight, strength).reshape(weight.shape[0], -1).double()
     gram = delta @ delta.T if delta.shape[0] <= delta.shape[1] else delta.T @ delta
