@@ -44,6 +44,18 @@ class FakeState:
         self.job, self.job_count = "", 0
 
 
+class FakeOptionInfo:
+    """A1111's shared.OptionInfo as far as sdtune calls it."""
+
+    def __init__(self, default, label, component=None, component_args=None, section=None):
+        self.default, self.label, self.component, self.args, self.section = \
+            default, label, component, component_args, section
+
+    def info(self, text):
+        self.help = text
+        return self
+
+
 def fake_webui(tmp_path: Path, forge: bool = False, loaded: bool = True, **opts):
     events = []
     model = SimpleNamespace(name="the WebUI's model")
@@ -154,18 +166,8 @@ def test_settings_fall_back_to_defaults_and_folders_follow_the_command_line(tmp_
 def test_the_settings_section_registers_every_option(tmp_path):
     gr = pytest.importorskip("gradio")
     added = {}
-
-    class OptionInfo:
-        def __init__(self, default, label, component=None, component_args=None, section=None):
-            self.default, self.label, self.component, self.args, self.section = \
-                default, label, component, component_args, section
-
-        def info(self, text):
-            self.help = text
-            return self
-
     host, shared, *_ = fake_webui(tmp_path)
-    shared.OptionInfo = OptionInfo
+    shared.OptionInfo = FakeOptionInfo
     shared.opts.add_option = lambda key, info: added.setdefault(key, info)
     host.add_settings()
     assert list(added) == [s.key for s in SETTINGS]
@@ -382,3 +384,48 @@ def test_the_whole_ui_builds_with_every_panel(tmp_path):
     for clicked in ("sdtune_ds_save", "sdtune_ds_caption", "sdtune_ds_undo", "sdtune_ds_redo",
                     "sdtune_model_refresh", "sdtune_train_refresh"):  # every id the javascript uses exists
         assert clicked in js and clicked in ids
+
+
+@pytest.mark.compat
+def test_the_a1111_script_registers_the_tab_settings_and_guard(tmp_path, monkeypatch):
+    """scripts/sdtune.py as the WebUI runs it, over stand-in `modules.*`: it registers its callbacks, wraps
+    generation, builds the tab from the WebUI's folders, and undoes the wrap when unloaded."""
+    import runpy
+    import sys
+    import types
+
+    gr = pytest.importorskip("gradio")
+    from lib_sdtune.webui import a1111_host
+
+    host, shared, processing, _, _ = fake_webui(tmp_path)
+    callbacks: dict[str, list] = {}
+    shared.opts.data_labels, changes = {}, {}
+    shared.opts.add_option = lambda key, info: shared.opts.data_labels.setdefault(key, info)
+    shared.opts.onchange = lambda key, fn, call=True: changes.setdefault(key, fn)
+    shared.OptionInfo = FakeOptionInfo
+    fakes = {
+        "script_callbacks": SimpleNamespace(**{name: (lambda n: lambda fn: callbacks.setdefault(n, []).append(fn))(
+            name) for name in ("on_ui_settings", "on_ui_tabs", "on_script_unloaded")}),
+        "shared": shared, "processing": processing, "sd_models": host.sd_models,
+        "call_queue": SimpleNamespace(queue_lock=threading.Lock()),
+        "paths": SimpleNamespace(models_path=str(tmp_path / "models"), data_path=str(tmp_path)),
+    }
+    package = types.ModuleType("modules")
+    package.__path__ = []
+    for name, module in fakes.items():
+        setattr(package, name, module)
+        monkeypatch.setitem(sys.modules, f"modules.{name}", module)
+    monkeypatch.setitem(sys.modules, "modules", package)
+    monkeypatch.setattr(a1111_host, "_HOSTS", [])
+    original = processing.process_images_inner
+
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "sdtune.py"))
+    assert set(callbacks) == {"on_ui_settings", "on_ui_tabs", "on_script_unloaded"}
+    assert getattr(processing.process_images_inner, GUARD_MARK) is original
+    callbacks["on_ui_settings"][0]()
+    assert set(shared.opts.data_labels) == {s.key for s in SETTINGS}
+    [(blocks, title, elem_id)] = callbacks["on_ui_tabs"][0]()
+    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("sdtune", "sdtune")
+    assert set(changes) == {s.key for s in SETTINGS}  # the open tab follows settings changes
+    callbacks["on_script_unloaded"][0]()
+    assert processing.process_images_inner is original and a1111_host._HOSTS == []
