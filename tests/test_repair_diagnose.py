@@ -99,7 +99,9 @@ def test_sdxl_encoders_are_judged_apart(tiny_checkpoints, tmp_path: Path) -> Non
         if key.startswith("conditioner.embedders.1.model.transformer.") and key.endswith("weight"):
             tensors[key] = (t.float() + torch.randn(t.shape, generator=g) * t.float().std()).to(t.dtype)
     model = save_safetensors(tensors, tmp_path / "m.safetensors")
-    report = diagnose(DiagnoseConfig(str(base), model=str(model), max_tags=0))
+    calls: list[tuple[int, int, str]] = []
+    report = diagnose(DiagnoseConfig(str(base), model=str(model), max_tags=0), progress=lambda *a: calls.append(a))
+    assert calls[-1][0] == calls[-1][1] == len(calls) and "TE2 (OpenCLIP bigG)" in calls[-1][2]
     by = {e.encoder: e for e in report.encoders}
     assert by["1"].control_cosine == pytest.approx(1.0, abs=1e-6) and by["1"].weight_delta == 0.0
     assert by["2"].control_cosine < 0.95 and by["2"].weight_delta > 0.5
@@ -221,6 +223,8 @@ def test_bad_input_is_refused_naming_the_files(tiny_fp32_checkpoints, tmp_path: 
         diagnose(DiagnoseConfig(str(base), model=str(base), lora=str(stray)))
     with pytest.raises(SdtuneError, match="does not exist"):
         diagnose(DiagnoseConfig(str(tmp_path / "missing.safetensors"), model=str(base)))
+    with pytest.raises(SdtuneError, match="diagnose cancelled"):
+        diagnose(DiagnoseConfig(str(base), model=str(base)), cancelled=lambda: True)
 
 
 def test_cli_writes_the_three_reports_and_refuses_like_the_other_repair_tools(overfit, tmp_path: Path,

@@ -8,6 +8,7 @@ and the verdicts in red (triggered) or green.
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image, ImageDraw
@@ -67,7 +68,7 @@ def draw_report(report: DiagnosisReport) -> bytes:
     for e in report.encoders:
         bars = [("", c, BLUE) for c in e.controls.values()]
         bars += [("", c, ORANGE) for _, c in e.most_drifted(MAX_TAG_BARS)]
-        lo = min([0.0, *(v for _, v, _ in bars)])
+        lo = max(-1.0, math.floor((min([t.control_cosine, *(v for _, v, _ in bars)]) - 0.02) * 20) / 20)
         _panel(d, top, f"{e.label}: cosine base vs tuned per prompt (blue: {len(e.controls)} control prompts, "
                        f"orange: tags, most drifted first); collapse {e.collapse:.3f}", bars, lo, 1.0,
                t.control_cosine, False)
