@@ -47,7 +47,8 @@ class SdtuneMergeCheckpoints(io.ComfyNode):
                         "memory, into a new .safetensors in the checkpoints folder; the recipe (inputs with sha256, "
                         "method, ratios) is stored in its metadata. " + ALPHA_TIP + ".",
             inputs=[
-                io.Combo.Input("model_a", options=model_list("checkpoints"), tooltip="model A, the base (alpha 0 keeps it)"),
+                io.Combo.Input("model_a", options=model_list("checkpoints"),
+                               tooltip="model A, the base (alpha 0 keeps it)"),
                 io.Combo.Input("model_b", options=model_list("checkpoints"), tooltip="model B (alpha 1 takes it)"),
                 io.Combo.Input("model_c", options=model_list("checkpoints", with_none=True), default="none",
                                tooltip="model C, for the three-model methods (add_difference, triple_sum, "
