@@ -181,7 +181,8 @@ def open_tab(pg, label: str) -> None:
 def test_every_sub_tab_opens(page):
     for label, elem_id, name in (("Dataset", "sdtune_ds_load", "dataset-empty"),
                                  ("Merge", "sdtune_merge_run", "merge-empty"),
-                                 ("LoRA tools", "sdtune_tab_lora", "lora"),
+                                 ("LoRA tools", "sdtune_lora_refresh", "lora"),
+                                 ("Repair", "sdtune_repair_refresh", "repair"),
                                  ("Model", "sdtune_model_inspect", "model"),
                                  ("Train", "sdtune_train_start", "train-empty")):
         open_tab(page, label)

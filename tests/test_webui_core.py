@@ -377,8 +377,8 @@ def test_the_whole_ui_builds_with_every_panel(tmp_path):
     blocks = build_blocks(UiContext(folders))
     ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
     for elem_id in ("sdtune_tab_train", "sdtune_tab_dataset", "sdtune_tab_merge", "sdtune_tab_lora",
-                    "sdtune_tab_model", "sdtune_train_start", "sdtune_train_stop", "sdtune_ds_undo",
-                    "sdtune_ds_caption", "sdtune_ds_save"):
+                    "sdtune_tab_repair", "sdtune_tab_model", "sdtune_train_start", "sdtune_train_stop",
+                    "sdtune_ds_undo", "sdtune_ds_caption", "sdtune_ds_save"):
         assert elem_id in ids, elem_id
     js = javascript()
     for clicked in ("sdtune_ds_save", "sdtune_ds_caption", "sdtune_ds_undo", "sdtune_ds_redo",

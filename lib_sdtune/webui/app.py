@@ -10,6 +10,7 @@ from .dataset_panel import build_dataset_panel
 from .lora_panel import build_lora_panel
 from .merge_panel import build_merge_panel
 from .model_panel import build_model_panel
+from .repair_panel import build_repair_panel
 from .train_panel import build_train_panel
 
 JAVASCRIPT_DIR = Path(__file__).resolve().parents[2] / "javascript"  # A1111 loads these files by itself
@@ -29,6 +30,8 @@ def build_blocks(ctx: UiContext):
                 build_merge_panel(gr, ctx)
             with gr.Tab("LoRA tools", elem_id="sdtune_tab_lora"):
                 build_lora_panel(gr, ctx)
+            with gr.Tab("Repair", elem_id="sdtune_tab_repair"):
+                build_repair_panel(gr, ctx)
             with gr.Tab("Model", elem_id="sdtune_tab_model"):
                 build_model_panel(gr, ctx.folders)
     return blocks
