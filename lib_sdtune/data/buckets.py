@@ -15,8 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lib_sdtune.errors import SdtuneError
-
+from ..errors import SdtuneError
 from .config import DatasetConfig
 
 

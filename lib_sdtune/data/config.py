@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from lib_sdtune.errors import SdtuneError
+from ..errors import SdtuneError
 
 # sd-scripts' accepted `resize_interpolation` names (`library/utils.py` validate_interpolation_fn)
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")

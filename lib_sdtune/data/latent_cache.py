@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from lib_sdtune.errors import SdtuneError
-from lib_sdtune.io.atomic import atomic_write
-
+from ..errors import SdtuneError
+from ..io.atomic import atomic_write
 from .augment import flip_pixels
 from .images import ImageReadError, load_rgb, resize_and_crop, to_tensor
 

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 
-from lib_sdtune.errors import SdtuneError
-
+from ..errors import SdtuneError
 from .augment import color_aug, decide_flip, flip_pixels, grayscale
 from .buckets import BucketPlan, plan_buckets
 from .captions import CaptionStep, process_caption

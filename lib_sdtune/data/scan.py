@@ -16,8 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from lib_sdtune.errors import SdtuneError
-
+from ..errors import SdtuneError
 from .config import DatasetConfig, ScanOptions, SubsetConfig
 from .images import ImageReadError, is_image_file, read_image_size
 from .toml_config import load_dataset_config

@@ -14,9 +14,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from lib_sdtune.errors import SdtuneError
-from lib_sdtune.io.atomic import atomic_write
-
+from ..errors import SdtuneError
+from ..io.atomic import atomic_write
 from .captions import captions_are_fixed
 from .config import SubsetConfig
 

@@ -15,8 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from lib_sdtune.errors import SdtuneError
-
+from ..errors import SdtuneError
 from .config import INTERPOLATIONS, DatasetConfig, SubsetConfig, normalize_resolution
 
 if sys.version_info >= (3, 11):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from lib_sdtune.io.atomic import atomic_write
+from ..io.atomic import atomic_write
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
