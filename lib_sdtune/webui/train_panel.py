@@ -33,6 +33,13 @@ FIELDS = (("max_train_epochs", "Epochs"), ("train_batch_size", "Batch size"), ("
 # changing these changes the number of steps: the plan's warm-up then follows as a share of the new total
 DURATION_KEYS = ("max_train_epochs", "max_train_steps", "train_batch_size", "resolution", "min_bucket_reso",
                  "max_bucket_reso", "gradient_accumulation_steps")
+# settings the form sets itself (typed under More settings they would skip its checks)
+FORM_KEYS = {"pretrained_model_name_or_path": "Base model", "train_data_dir": "Dataset folder",
+             "reg_data_dir": "Regularization images", "output_dir": "Output name", "output_name": "Output name",
+             "sample_prompts": "Sample prompts"}
+# path settings allowed under More settings, each confined to one kind of host folder
+PATH_KEYS = {"resume": "loras", "network_weights": "loras", "logging_dir": "loras", "dataset_config": "datasets",
+             "vae": "vaes"}
 CHART_SECONDS = 2.0  # redraw the loss chart at most this often while a run goes
 MAX_SAMPLES = 24  # newest sample images shown
 _NAME = re.compile(r"[A-Za-z0-9_][\w.-]*")
@@ -107,8 +114,14 @@ def plan_summary(plan) -> str:
 
 
 # --- form -> config ---------------------------------------------------------------------------------------
-def _extra_lines(text: str) -> list[str]:
-    """`key = value` lines (blank lines and # comments skipped), keys checked against the train settings."""
+def _unquote(value: str) -> str:
+    value = value.strip()
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
+
+
+def _extra_lines(ctx: UiContext, text: str) -> list[str]:
+    """`key = value` lines (blank lines and # comments skipped): keys checked against the train settings, the
+    form's own keys refused, and paths confined to the folder kind they belong to."""
     from ..train.config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -117,11 +130,17 @@ def _extra_lines(text: str) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        key, sep, value = line.partition("=")
-        if not sep or key.strip() not in names:
-            raise SdtuneError(f"More settings, line {number}: {line!r} is not `key = value` with a train setting "
-                              "name (sd-scripts names, e.g. noise_offset = 0.05)")
-        lines.append(f"{key.strip()}={value.strip()}")
+        key, sep, value = (part.strip() for part in line.partition("="))
+        where = f"More settings, line {number}"
+        if not sep or key not in names:
+            raise SdtuneError(f"{where}: {line!r} is not `key = value` with a train setting name (sd-scripts names, "
+                              "e.g. noise_offset = 0.05)")
+        if key in FORM_KEYS:
+            raise SdtuneError(f"{where}: {key} is set by the '{FORM_KEYS[key]}' field; use that instead")
+        if key in PATH_KEYS and _unquote(value):
+            kind = PATH_KEYS[key]
+            value = json.dumps(str(confine(_unquote(value), getattr(ctx.folders, kind), f"{key} ({kind})")))
+        lines.append(f"{key}={value}")
     return lines
 
 
@@ -155,7 +174,7 @@ def prepare_run(ctx: UiContext, form: TrainForm) -> PreparedRun:
     precision = ctx.settings.precision
     if "mixed_precision" not in changes and precision != "auto" and precision != plan.config.get("mixed_precision"):
         changes["mixed_precision"] = precision
-    extra = _extra_lines(form.extra)
+    extra = _extra_lines(ctx, form.extra)
     extra_keys = {line.split("=", 1)[0] for line in extra}
     if "max_train_steps" in extra_keys and not {"max_train_epochs"} & (set(changes) | extra_keys):
         changes["max_train_epochs"] = None  # sd-scripts lets epochs win over steps: a step count typed here wins
