@@ -254,6 +254,8 @@ def test_train_panel_plans_trains_and_refuses_overwrite_and_outside_paths(demo_c
     text = tp.plan_summary(plan)
     assert "network_dim = 32" in text and "SD1.5 LoRAs are usually rank 16-64" in text  # values with reasons
     assert tp.plan_fields(plan)[0] == str(plan.config["max_train_epochs"])
+    precision = [k for k, _ in tp.FIELDS].index("mixed_precision")
+    assert tp.plan_fields(plan, "bf16")[precision] == "bf16"  # the host's default precision shows as it applies
     run = tp.prepare_run(demo_ctx, tp.TrainForm(**{**form.__dict__, "fields": {"max_train_epochs": "3"}}))
     assert run.cfg.max_train_epochs == 3 and 0 < run.cfg.lr_warmup_steps < 1  # warm-up follows the new length
     assert run.run_dir == (demo_ctx.folders.loras[0] / "demo_lora").resolve()

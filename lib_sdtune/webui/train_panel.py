@@ -99,11 +99,12 @@ def make_plan(ctx: UiContext, form: TrainForm):
                          reg_data_dir=reg, output_name=_output_name(form.output_name))
 
 
-def plan_fields(plan) -> list[str]:
-    """The plan's value of each FIELDS setting, as the form's text fields show it."""
+def plan_fields(plan, precision: str = "auto") -> list[str]:
+    """The value each FIELDS setting will take, as the form's text fields show it: the plan's, and the
+    host's default mixed precision where one is set."""
     out = []
     for key, _ in FIELDS:
-        value = plan.config.get(key)
+        value = precision if key == "mixed_precision" and precision != "auto" else plan.config.get(key)
         out.append("" if value is None else str(value))
     return out
 
@@ -447,7 +448,7 @@ def build_train_panel(gr, ctx: UiContext) -> None:
         except Exception as e:  # noqa: BLE001 - shown in the panel
             return (error_text(e), gr.update(), gr.update(), *[gr.update() for _ in boxes])
         return (plan_summary(plan), plan.config.get("network_dim") or 0, plan.config["output_name"],
-                *plan_fields(plan))
+                *plan_fields(plan, ctx.settings.precision))
 
     def stream(job) -> Iterator[tuple]:
         for _, html_bar, pic, gallery, text in follow_training(job):
