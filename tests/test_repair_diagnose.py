@@ -183,6 +183,51 @@ def test_lora_diagnosis_matches_the_checkpoint_it_bakes_into(tiny_fp32_checkpoin
     assert value / strength * suggested <= 0.05 < value / strength * (suggested + 0.05)
 
 
+def _te_only_lora(layers: int, scale: float) -> dict[str, torch.Tensor]:
+    """A random rank-4 LoRA on every attention/MLP layer of a 64-wide tiny text encoder (kohya names)."""
+    parts = {"self_attn_q_proj": (64, 64), "self_attn_k_proj": (64, 64), "self_attn_v_proj": (64, 64),
+             "self_attn_out_proj": (64, 64), "mlp_fc1": (64, 256), "mlp_fc2": (256, 64)}
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for layer in range(layers):
+        for part, (n_in, n_out) in parts.items():
+            name = f"lora_te_text_model_encoder_layers_{layer}_{part}"
+            out[f"{name}.lora_down.weight"] = torch.randn(4, n_in, generator=g) * scale
+            out[f"{name}.lora_up.weight"] = torch.randn(n_out, 4, generator=g) * scale
+            out[f"{name}.alpha"] = torch.tensor(4.0)
+    return out
+
+
+def test_sd2_fused_qkv_lora_matches_the_bake_and_the_base_comes_back_bit_exact(tiny_fp32_checkpoints,
+                                                                              tmp_path: Path) -> None:
+    """OpenCLIP keeps q/k/v in one in_proj tensor: the LoRA lands on its rows, and restoring re-reads them."""
+    from lib_sdtune.merge.lora_bake import BakeConfig, LoraInput, bake_loras
+    from lib_sdtune.merge.lora_delta import group_modules
+    from lib_sdtune.repair.diagnose import LoraBase
+    from lib_sdtune.repair.diagnose_te import LoraTePatch
+
+    base = str(tiny_fp32_checkpoints["sd2"])
+    state = _te_only_lora(23, 0.08)  # SD2 uses the penultimate layer: 23 of the file's 24 blocks
+    lora = save_safetensors(state, tmp_path / "sd2.safetensors", {"ss_base_model_version": "sd_v2"})
+    limits = Thresholds(control_cosine=0.0, collapse=1.0)
+    report = diagnose(DiagnoseConfig(base, lora=str(lora), max_tags=0, thresholds=limits))
+    baked = bake_loras(BakeConfig(base, (LoraInput(str(lora)),), str(tmp_path / "b.safetensors"), dtype="fp32"))
+    reference = diagnose(DiagnoseConfig(base, model=str(baked.output), max_tags=0, thresholds=limits))
+    (e,), (r,) = report.encoders, reference.encoders
+    assert e.label == "TE (OpenCLIP-H)" and e.control_cosine < 0.999 and not report.blocks
+    assert list(e.controls.values()) == pytest.approx(list(r.controls.values()), abs=2e-5)
+    lb = LoraBase(base, "cpu")
+    te = lb.encoders()
+    before = {k: v.clone() for k, v in te["text_encoder"].state_dict().items()}
+    parts = [(lb.names[n], m) for n, m in group_modules(str(lora), state).items()]
+    patch = LoraTePatch(te, parts, lb.source, base)
+    patch.apply({"text_encoder": 1.0})
+    after = te["text_encoder"].state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if "q_proj" in k)
+    patch.restore()
+    assert all(torch.equal(te["text_encoder"].state_dict()[k], v) for k, v in before.items())
+
+
 def test_lora_te_scale_suggested_is_the_repair(tiny_fp32_checkpoints, tiny_fp32_models, tmp_path: Path) -> None:
     from lib_sdtune.networks.network import LoraConfig
 
@@ -232,11 +277,17 @@ def test_cli_writes_the_three_reports_and_refuses_like_the_other_repair_tools(ov
     from PIL import Image
 
     base, model = overfit
+    dataset = tmp_path / "dataset" / "10_sks"
+    dataset.mkdir(parents=True)
+    for i, caption in enumerate(["sks, smile, outdoors", "sks, smile", "sks"]):
+        (dataset / f"{i}.png").write_bytes(b"")  # only the captions are read
+        (dataset / f"{i}.txt").write_text(caption)
     out = tmp_path / "report"
     argv = ["repair", "diagnose", "--model", str(model), "--base", str(base), "-o", str(out), "--no-progress"]
-    assert main([*argv, "--json"]) == 0
+    assert main([*argv, "--dataset", str(dataset.parent), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["output"] == str(out) and data["triggered"] >= 2 and data["kind"] == "checkpoint"
+    assert list(data["encoders"][0]["tags"]) == ["sks", "smile", "outdoors"] and "dataset" in data["tags_source"]
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.png", "report.txt"]  # no temp files
     stored = json.loads((out / "report.json").read_text())
     assert stored["verdicts"] == data["verdicts"] and stored["thresholds"][0]["why"]
