@@ -217,7 +217,7 @@ def test_sd2_fused_qkv_lora_matches_the_bake_and_the_base_comes_back_bit_exact(t
     assert e.label == "TE (OpenCLIP-H)" and e.control_cosine < 0.999 and not report.blocks
     assert list(e.controls.values()) == pytest.approx(list(r.controls.values()), abs=2e-5)
     lb = LoraBase(base, "cpu")
-    te = lb.encoders()
+    te = lb.encoders(["text_encoder"])
     before = {k: v.clone() for k, v in te["text_encoder"].state_dict().items()}
     parts = [(lb.names[n], m) for n, m in group_modules(str(lora), state).items()]
     patch = LoraTePatch(te, parts, lb.source, base)

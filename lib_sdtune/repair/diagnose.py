@@ -190,7 +190,7 @@ class LoraBase:
         self.path, self.device = path, device
         self.source, self.arch = _open(path, "base")
         self._names = None
-        self._encoders: Optional[dict] = None
+        self._encoders: dict = {}
         self._encoded: dict[tuple, dict] = {}
 
     @property
@@ -203,15 +203,17 @@ class LoraBase:
             self._names = _with_aliases(checkpoint_name_map(self.source.shapes(), self.arch, self.path))
         return self._names
 
-    def encoders(self) -> dict:
-        if self._encoders is None:
-            self._encoders = load_text_encoders(self.path, "base", self.device)
-        return self._encoders
+    def encoders(self, components: list[str]) -> dict:
+        """The base's text encoders of `components` (loaded once, only those asked for)."""
+        missing = [c for c in components if c not in self._encoders]
+        if missing:
+            self._encoders.update(load_text_encoders(self.path, "base", self.device, missing))
+        return {c: self._encoders[c] for c in components}
 
     def encoded(self, prompts: PromptSet, components: list[str], step: Callable[[str], None]) -> dict:
         """The base encodings of `prompts` by each of `components` (cached)."""
         cache = self._encoded.setdefault(tuple(prompts.all), {})
-        todo = {c: m for c, m in self.encoders().items() if c in components and c not in cache}
+        todo = {c: m for c, m in self.encoders(components).items() if c not in cache}
         cache.update(encode_all(todo, self.arch.family, prompts, self.device, step))
         return {c: cache[c] for c in components}
 
@@ -256,7 +258,7 @@ def diagnose_lora(config: DiagnoseConfig, base: LoraBase, steps: Steps, scale_tr
     drifts: list[EncoderDrift] = []
     if touched:
         base_enc = base.encoded(prompts, touched, steps.step)
-        te = {c: m for c, m in base.encoders().items() if c in touched}
+        te = base.encoders(touched)
         patch = LoraTePatch(te, te_parts, base.source, config.base)
         try:
             patch.apply({c: strength for c in touched})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image, ImageDraw
@@ -62,8 +63,8 @@ def draw_report(report: DiagnosisReport) -> bytes:
     im = Image.new("RGB", (WIDTH, height), "white")
     d = ImageDraw.Draw(im)
     what = "LoRA" if report.kind == "lora" else "checkpoint"
-    d.text((PAD, 8), f"sdtune over-fit diagnosis: {what} {report.model.rsplit('/', 1)[-1]} vs base "
-                     f"{report.base.rsplit('/', 1)[-1]} ({report.architecture})", fill="black")
+    d.text((PAD, 8), f"sdtune over-fit diagnosis: {what} {Path(report.model).name} vs base "
+                     f"{Path(report.base).name} ({report.architecture})", fill="black")
     top = 30
     for e in report.encoders:
         bars = [("", c, BLUE) for c in e.controls.values()]

@@ -236,12 +236,13 @@ def _rows(t: LoraTarget, tensor: torch.Tensor) -> torch.Tensor:
     return tensor[t.original_rows[0]:t.original_rows[1]]
 
 
-def load_text_encoders(path: str, role: str, device: str) -> dict[str, nn.Module]:
-    """The text encoder(s) of a checkpoint in fp32 on `device` (none for a U-Net-only file)."""
+def load_text_encoders(path: str, role: str, device: str, components: Sequence[str] = tuple(ENCODER_IDS)
+                       ) -> dict[str, nn.Module]:
+    """The text encoder(s) of a checkpoint (those of `components` it has) in fp32 on `device`."""
     from ..models.hints import ModelHints
     from ..models.loader import load_checkpoint
 
-    loaded = load_checkpoint(path, components=list(ENCODER_IDS), hints=ModelHints(prediction_type="epsilon"),
+    loaded = load_checkpoint(path, components=list(components), hints=ModelHints(prediction_type="epsilon"),
                              dtype=torch.float32)
     missing = [k for k in loaded.report.missing_keys if not k.endswith("position_ids")]
     if missing:
