@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "build" / "test-artifacts" / "screenshots"
 STARTUP_SECONDS = 120
 TRAIN_SECONDS = 90
-# the demo's CPU overrides, shrunk to two steps of two 64 px images (as the Train tab's "More settings")
-TINY_RUN = ("resolution = 64\nmin_bucket_reso = 64\nmax_bucket_reso = 128\nmax_train_steps = 2\n"
+# the demo's CPU overrides, shrunk to four steps of two 64 px images (as the Train tab's "More settings")
+TINY_RUN = ("resolution = 64\nmin_bucket_reso = 64\nmax_bucket_reso = 128\nmax_train_steps = 4\n"
             "train_batch_size = 2\ncache_latents = false")
 
 if not CHROMIUM.exists():
@@ -232,7 +232,7 @@ def test_train_the_tiny_demo_from_the_train_tab(page, app):
     wait_value(page, "sdtune_train_progress", lambda v: v.startswith(("Running", "Done", "Error")))
     final = wait_value(page, "sdtune_train_progress", lambda v: v.startswith(("Done", "Error", "Stopped")),
                        TRAIN_SECONDS)
-    assert final.startswith("Done: Train browser_lora | 2 steps"), final
+    assert final.startswith("Done: Train browser_lora | 4 steps"), final
     lora = app.root / "models" / "Lora" / "browser_lora" / "browser_lora.safetensors"
     assert str(lora) in wait_value(page, "sdtune_train_result", lambda v: "LoRA files written" in v)
     assert lora.is_file()
