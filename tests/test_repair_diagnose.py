@@ -183,6 +183,29 @@ def test_lora_diagnosis_matches_the_checkpoint_it_bakes_into(tiny_fp32_checkpoin
     assert value / strength * suggested <= 0.05 < value / strength * (suggested + 0.05)
 
 
+def test_every_other_kind_sdtune_writes_is_measured(tiny_fp32_checkpoints, tiny_fp32_models, tmp_path: Path) -> None:
+    """LoKr, full diffs and DoRA: every module matched, its ‖ΔW‖ that of the dense update, the TE part applied."""
+    from lib_sdtune.merge.lora_delta import group_modules
+    from lib_sdtune.networks.kohya_file import load_lora
+    from lib_sdtune.networks.network import LoraConfig
+
+    base = tiny_fp32_checkpoints["sd1"]
+    weights = _tensors(base)
+    limits = Thresholds(control_cosine=0.0, collapse=1.0)
+    for kind, config in (("lokr", LoraConfig(rank=4, alpha=8.0, algorithm="lokr", factor=4)),
+                         ("full", LoraConfig(algorithm="full")), ("dora", LoraConfig(rank=4, algorithm="dora"))):
+        lora = _random_lora(tiny_fp32_models, tmp_path, kind, config, 0.05, 0.05, 4)
+        report = diagnose(DiagnoseConfig(str(base), lora=str(lora), max_tags=0, thresholds=limits))
+        modules = group_modules(str(lora), load_lora(lora)[0])
+        stats = report.lora
+        assert len(stats.modules) == len(modules) and report.encoders[0].control_cosine < 1.0, kind
+        assert report.blocks and 0 < stats.te_share < 1 and stats.algorithm.startswith(kind.replace("dora", "lora"))
+        for m in stats.modules[::40]:
+            w = weights[m.key].float()
+            delta = modules[m.name].delta(w, 1.0)
+            assert m.delta_norm == pytest.approx(float(delta.norm()), rel=1e-4), (kind, m.name)
+
+
 def _te_only_lora(layers: int, scale: float) -> dict[str, torch.Tensor]:
     """A random rank-4 LoRA on every attention/MLP layer of a 64-wide tiny text encoder (kohya names)."""
     parts = {"self_attn_q_proj": (64, 64), "self_attn_k_proj": (64, 64), "self_attn_v_proj": (64, 64),
