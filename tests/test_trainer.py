@@ -142,6 +142,9 @@ def test_resume_continues_to_the_same_result_as_an_unbroken_run(tiny_fp32_checkp
     broken = train(_config(ckpt, data, tmp_path / "b", max_train_steps=6, network_dropout=0.1),
                    cancelled=stop_after_three)
     assert broken.cancelled and broken.steps == 3 and not broken.outputs and broken.state_dir.exists()
+    # runs go into the hosts' LoRA folders, which list every .safetensors/.pt below them: the state hides
+    assert sorted(p.name for p in broken.state_dir.iterdir()) == ["network.state", "optimizer.state",
+                                                                  "train_state.json"]
     resumed = train(_config(ckpt, data, tmp_path / "b", max_train_steps=6, network_dropout=0.1,
                             resume=str(broken.state_dir)))
     assert resumed.steps == 6

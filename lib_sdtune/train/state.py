@@ -1,10 +1,11 @@
 """Resumable training state: everything needed to continue a killed run to the same result.
 
 A state folder `<name>-<epoch:06d>-state` (or `<name>-state` when cancelled or at the end) holds the
-adapter tensors (`network.safetensors`, fp32), the optimizer and scheduler state and the RNG states
-(`optimizer.pt`, read back with `torch.load(weights_only=True)`: tensors and plain values only, no code),
+adapter tensors (`network.state`: safetensors, fp32), the optimizer and scheduler state and the RNG states
+(`optimizer.state`: read back with `torch.load(weights_only=True)`, tensors and plain values only, no code),
 and `train_state.json` (epoch, step, batch position, config fingerprint). Written to a temp folder and
-renamed, so a kill while saving leaves the previous state intact.
+renamed, so a kill while saving leaves the previous state intact. The names end in `.state`, not
+`.safetensors`/`.pt`: runs are saved into the hosts' LoRA folders, which list every model file below them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from ..io.safetensors_io import SafetensorsFile, save_safetensors
 __all__ = ["TrainPosition", "config_fingerprint", "save_state", "load_state"]
 
 STATE_FORMAT = "sdtune-train-state-1"
+NETWORK_FILE, OPTIMIZER_FILE = "network.state", "optimizer.state"
+OLD_NAMES = {NETWORK_FILE: "network.safetensors", OPTIMIZER_FILE: "optimizer.pt"}  # sdtune 0.2.0 wrote these
 
 
 @dataclass
@@ -56,8 +59,8 @@ def save_state(folder: Path, network_tensors: dict[str, torch.Tensor], optimizer
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in network_tensors.items()},
-                     tmp / "network.safetensors", {"format": STATE_FORMAT})
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng}, tmp / "optimizer.pt")
+                     tmp / NETWORK_FILE, {"format": STATE_FORMAT})
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng}, tmp / OPTIMIZER_FILE)
     (tmp / "train_state.json").write_text(json.dumps({"format": STATE_FORMAT, **asdict(position)}, indent=2))
     old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
     if folder.exists():
@@ -78,12 +81,14 @@ def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict,
     info = json.loads(info_path.read_text())
     if info.pop("format", None) != STATE_FORMAT:
         raise SdtuneError(f"{folder}: written by another version of sdtune; cannot resume from it")
-    with SafetensorsFile(folder / "network.safetensors") as f:
+    net_path, opt_path = (folder / n if (folder / n).exists() else folder / OLD_NAMES[n]
+                          for n in (NETWORK_FILE, OPTIMIZER_FILE))
+    with SafetensorsFile(net_path) as f:
         network = {k: f.get_tensor(k) for k in f.keys()}
     try:
-        blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        blob = torch.load(opt_path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported the same way
-        raise SdtuneError(f"{folder / 'optimizer.pt'}: cannot be read safely ({e})") from None
+        raise SdtuneError(f"{opt_path}: cannot be read safely ({e})") from None
     return network, blob["optimizer"], blob["scheduler"], blob["rng"], TrainPosition(**info)
 
 
