@@ -25,12 +25,6 @@ def test_help_lists_every_contract_command():
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("argv", [["repair", "diagnose"]])
-def test_commands_not_built_yet_say_so_and_exit_2(argv):
-    out = run(*argv)
-    assert out.returncode == 2 and "not built yet" in out.stderr and out.stdout == ""
-
-
 @pytest.mark.compat
 def test_model_info_json_has_the_contract_fields(tiny_checkpoints):
     out = run("model", "info", tiny_checkpoints["sdxl"], "--json")

@@ -51,9 +51,9 @@ def test_lora_te_cli_strip_and_refusal(tmp_path: Path) -> None:
     assert out.returncode == 2 and "not allowed with" in out.stderr
 
 
-def test_not_built_and_help() -> None:
-    for sub in ("diagnose", "pick-epoch"):
+def test_missing_arguments_and_help() -> None:
+    for sub, missing in (("diagnose", "--base"), ("pick-epoch", "RUN_DIR")):
         out = run("repair", sub)
-        assert out.returncode == 2 and "not built yet" in out.stderr
+        assert out.returncode == 2 and "required" in out.stderr and missing in out.stderr
     out = run("repair", "--help")
     assert out.returncode == 0 and "merge" in out.stdout and "weighted_sum" in out.stdout

@@ -11,10 +11,9 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..errors import SdtuneError
-from . import demo_cmd, lora_cmd, merge_cmd, model_cmd, pending, plan_cmd, repair_cmd, tag_cmd, train_cmd, ui_cmd
+from . import demo_cmd, lora_cmd, merge_cmd, model_cmd, plan_cmd, repair_cmd, tag_cmd, train_cmd, ui_cmd
 
 EXIT_ERROR = 1
-EXIT_NOT_BUILT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     tag_cmd.register(sub)
     plan_cmd.register(sub)
     train_cmd.register(sub)
-    pending.register(sub)
     return parser
 
 
