@@ -20,9 +20,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(BIN)/python -m lib_sdtune demo
 
+# tests run in TEST_WORKERS processes, one test file each at a time (files share module fixtures)
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The compatibility subset in A1111-like and Forge-like environments (CI runs it too).
 compat:

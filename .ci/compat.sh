@@ -25,8 +25,8 @@ host_packages() {
   esac
 }
 
-run_host() {
-  local host=$1 start venv out
+prepare_host() {
+  local host=$1 start venv
   start=$(date +%s)
   venv="$ROOT/$host"
   rm -rf "$venv"
@@ -35,26 +35,41 @@ run_host() {
   "$UV" pip install -q --python "$venv/bin/python" "$TORCH_WHL" $(host_packages "$host") pytest
   "$UV" pip install -q --python "$venv/bin/python" --no-deps open-clip-torch==2.20.0
   echo "compat[$host]: host environment ready in $(( $(date +%s) - start )) s"
+}
+
+test_host() {
+  local host=$1 start venv out
+  start=$(date +%s)
+  venv="$ROOT/$host"
+  [ -x "$venv/bin/python" ] || { echo "compat[$host]: no prepared venv; run '$0 prepare' first" >&2; exit 1; }
   "$venv/bin/python" install.py                       # as the WebUI runs it at launch
   out=$("$venv/bin/python" install.py)                 # the second launch must be a silent no-op
   [ -z "$out" ] || { echo "compat[$host]: install.py is not a no-op on the second run: $out" >&2; exit 1; }
   "$venv/bin/python" -m pip freeze | grep -iE '^(torch|transformers|diffusers|gradio|peft|numpy|safetensors)[ =@]' \
     | tr '\n' ' '; echo
   "$venv/bin/python" -m pytest -q -m compat -p no:cacheprovider
-  echo "compat[$host]: done in $(( $(date +%s) - start )) s"
+  echo "compat[$host]: tests done in $(( $(date +%s) - start )) s"
 }
 
-# the hosts run side by side (their venv builds and pip runs are mostly I/O); each logs to its own file
+# `compat.sh prepare` builds the host venvs (mostly downloads: CI starts it beside the main tests),
+# `compat.sh test` runs install.py and the compat subset in them; no argument does both.
+# The hosts run side by side; each logs to its own file.
+MODE=${1:-all}
 pids=()
 for host in ${COMPAT_HOSTS:-a1111 forge}; do
-  ( run_host "$host" ) > "$ROOT/$host.log" 2>&1 &
+  case $MODE in
+    prepare) ( prepare_host "$host" ) > "$ROOT/$host.prepare.log" 2>&1 & ;;
+    test) ( test_host "$host" ) > "$ROOT/$host.log" 2>&1 & ;;
+    all) ( prepare_host "$host" && test_host "$host" ) > "$ROOT/$host.log" 2>&1 & ;;
+    *) echo "usage: $0 [prepare|test]" >&2; exit 2 ;;
+  esac
   pids+=("$!")
 done
 status=0
 i=0
 for host in ${COMPAT_HOSTS:-a1111 forge}; do
   wait "${pids[$i]}" || status=1
-  cat "$ROOT/$host.log"
+  if [ "$MODE" = prepare ]; then cat "$ROOT/$host.prepare.log"; else cat "$ROOT/$host.log"; fi
   i=$((i + 1))
 done
 exit $status

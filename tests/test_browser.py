@@ -253,3 +253,21 @@ def test_merge_two_models_from_the_merge_tab(page, app):
     assert final.startswith("Done"), final
     assert (app.root / "models" / "Stable-diffusion" / "browser_merge.safetensors").is_file()
     shot(page, "merge")
+
+
+def test_diagnose_the_trained_lora_from_the_repair_tab(page, app):
+    lora = app.root / "models" / "Lora" / "browser_lora" / "browser_lora.safetensors"
+    if not lora.is_file():
+        pytest.skip("needs the LoRA test_train_the_tiny_demo_from_the_train_tab writes")
+    open_tab(page, "Repair")
+    page.locator("#sdtune_repair_refresh").click()  # the LoRA was written after the page was built
+    choose(page, "sdtune_repair_lora", "browser_lora/browser_lora.safetensors")
+    choose(page, "sdtune_repair_base", "tiny.safetensors")
+    page.locator("#sdtune_repair_diagnose_run").click()
+    final = wait_value(page, "sdtune_repair_diagnose_status", lambda v: v.startswith(("Done", "Error", "Stopped")),
+                       60)
+    assert final.startswith("Done"), final
+    report = wait_value(page, "sdtune_repair_diagnose_result", lambda v: "browser_lora.safetensors" in v)
+    assert "tiny.safetensors" in report
+    page.locator("#sdtune_repair_chart img").wait_for(timeout=10_000)
+    shot(page, "repair")

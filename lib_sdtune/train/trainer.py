@@ -514,10 +514,11 @@ def _use_multiplier(network: LoraNetwork, batch: Any) -> None:
         network.set_multiplier(value)
 
 
+@torch.no_grad()
 def _validation_loss(run_data: RunData, vae, text: TextEncoders, unet, network: LoraNetwork, noise_sched,
                      cfg: TrainConfig, prediction: str, prec: _Precision, dev: torch.device, scaling: float) -> float:
     """Mean loss of the held-out images at sd-scripts' fixed timesteps with a fixed generator (comparable
-    between epochs)."""
+    between epochs); no autograd graph is kept (it would hold every activation in VRAM)."""
     data = run_data.validation
     gen = torch.Generator().manual_seed(run_data.validation_seed)
     losses = []

@@ -7,7 +7,6 @@ start one background job, and yield (status line, result, job id) until it ends;
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -148,9 +147,7 @@ def stop(ctx: UiContext, job_id: Optional[int]) -> str:
 def status_html(ctx: UiContext, line: str, job_id: Optional[int]) -> str:
     """A job's progress bar with its status line, or just the line (an error, "Stopping…") without a job."""
     job = ctx.jobs.get(job_id) if job_id is not None else None
-    if job is None:
-        return f'<div class="sdtune-status">{html.escape(line)}</div>' if line else ""
-    return progress_html(job.snapshot(), line)
+    return progress_html(job.snapshot() if job is not None else None, line)
 
 
 @dataclass
