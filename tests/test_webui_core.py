@@ -47,9 +47,9 @@ class FakeState:
 class FakeOptionInfo:
     """A1111's shared.OptionInfo as far as sdtune calls it."""
 
-    def __init__(self, default, label, component=None, component_args=None, section=None):
-        self.default, self.label, self.component, self.args, self.section = \
-            default, label, component, component_args, section
+    def __init__(self, default, label, component=None, component_args=None, section=None, category_id=None):
+        self.default, self.label, self.component, self.args, self.section, self.category_id = \
+            default, label, component, component_args, section, category_id
 
     def info(self, text):
         self.help = text
@@ -173,7 +173,9 @@ def test_the_settings_section_registers_every_option(tmp_path):
     assert list(added) == [s.key for s in SETTINGS]
     precision = added["sdtune_precision"]
     assert precision.component is gr.Radio and precision.args == {"choices": ["auto", "fp16", "bf16", "no"]}
-    assert precision.section == ("sdtune", "sdtune", "training") and "planner" in precision.help
+    # A1111 1.10's settings page does `elem_id, text = item.section`: a pair, the category passed on its own
+    assert precision.section == ("sdtune", "sdtune") and precision.category_id == "training"
+    assert "planner" in precision.help
 
 
 @pytest.mark.compat

@@ -98,10 +98,12 @@ class WebUIHost:
         import gradio as gr
 
         shared = self.shared
-        section = ("sdtune", "sdtune", "training")
+        # a (key, title) pair: the settings page unpacks exactly two; the category goes in its own argument
+        section = ("sdtune", "sdtune")
         for s in SETTINGS:
             info = shared.OptionInfo(s.default, s.label, gr.Radio if s.choices else None,
-                                     {"choices": list(s.choices)} if s.choices else None, section=section)
+                                     {"choices": list(s.choices)} if s.choices else None, section=section,
+                                     category_id="training")
             shared.opts.add_option(s.key, info.info(s.info) if s.info else info)
 
     def update_context(self, ctx: UiContext) -> None:
