@@ -27,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REFERENCE = ROOT / "tests" / "data" / "reference" / "sd15_keys.json"
-POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 # Each variant runs in its own interpreter; the timing excludes interpreter start and imports.
 _PRELUDE = """
@@ -70,25 +69,10 @@ report(time.perf_counter() - t0, dict(bytes_read_reported=r.bytes_read))
 
 def make_inputs(folder: Path, count: int = 2) -> list[Path]:
     """SD1.5-shaped fp16 checkpoints with different random weights (about 2.1 GB each)."""
-    import torch
+    from full_size import write_random_checkpoint
 
-    from lib_sdtune.io.safetensors_io import SafetensorsWriter
-
-    shapes = {k: tuple(v) for k, v in json.loads(REFERENCE.read_text()).items()}
-    specs = {k: ("F16", s) for k, s in shapes.items()}
-    specs[POSITION_IDS] = ("I64", (1, 77))
-    paths = []
-    for seed in range(1, count + 1):
-        path = folder / f"sd15_random_{seed}.safetensors"
-        gen = torch.Generator().manual_seed(seed)
-        with SafetensorsWriter(path, specs, {"bench": "merge"}) as w:
-            for name in w.order:
-                if name == POSITION_IDS:
-                    w.write(name, torch.arange(77, dtype=torch.int64)[None])
-                else:
-                    w.write(name, torch.randn(specs[name][1], generator=gen).mul_(0.02).half())
-        paths.append(path)
-    return paths
+    return [write_random_checkpoint("sd15", folder / f"sd15_random_{seed}.safetensors", seed, {"bench": "merge"})
+            for seed in range(1, count + 1)]
 
 
 def drop_cache(*paths: Path) -> None:
