@@ -79,4 +79,7 @@ def test_demo_builds_loads_plans_and_trains_the_tiny_model(tmp_path):
     trained = result["train"]
     assert trained["steps"] == 60 and len(trained["losses"]) == 60  # 12 images x 10 repeats / batch 8 x 4 epochs
     assert [Path(p).name for p in trained["outputs"]] == ["sdtdemo-000002.safetensors", "sdtdemo.safetensors"]
+    report = json.loads((tmp_path / "demo" / "diagnosis" / "report.json").read_text())
+    assert [Path(p).name for p in result["diagnosis"]] == ["report.json", "report.txt", "report.png"]
+    assert report["verdicts"] and all("triggered" in v for v in report["verdicts"])
     assert "kept in float32" not in out.stderr

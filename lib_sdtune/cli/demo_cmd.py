@@ -2,8 +2,8 @@
 
 Writes a tiny real-layout checkpoint and a kohya-style dataset, loads the model and reports it, then
 plans a LoRA run for the dataset (the planner's TOML, written as a user would get it), trains it on the
-CPU with the resolution and epochs shrunk so it takes about a minute, and reports the loss curve and
-the LoRA file written.
+CPU with the resolution and epochs shrunk so it takes about a minute, reports the loss curve and the LoRA
+file written, and runs the over-fit diagnosis on that LoRA (report in `<out>/diagnosis/`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ DEMO_OVERRIDES = ("resolution=64", "min_bucket_reso=64", "max_bucket_reso=128", 
 def _plan_and_train(dataset_dir: Path, model: Path, out: Path, lines: list[str], result: dict) -> bool:
     """Plan (as `plan` does), train the plan on the CPU with DEMO_OVERRIDES, report; False if it failed."""
     from ..networks.lora_info import inspect_lora
+    from ..repair.diagnose import DiagnoseConfig, diagnose
     from ..train.config import load_train_config
     from ..train.planner import plan_training
     from ..train.trainer import train
@@ -55,8 +56,15 @@ def _plan_and_train(dataset_dir: Path, model: Path, out: Path, lines: list[str],
                  + ", ".join(f"{m:.4f}" for m in means))
     lines.append(f"lora:    {run.outputs[-1]}: {lora.algorithm}, rank {lora.rank}, {lora.te_modules} TE + "
                  f"{lora.unet_modules} U-Net modules, base {lora.base_model_version}")
+    lines.append(f"logs:    {', '.join(str(p) for p in run.log_paths)} (loss per step and epoch, loss curve)")
+    report = diagnose(DiagnoseConfig(base=str(model), lora=str(run.outputs[-1]), dataset=str(dataset_dir)))
+    written = report.write(out / "diagnosis")
+    flagged = [v.symptom for v in report.verdicts if v.triggered]
+    lines.append(f"check:   repair diagnose: {len(flagged)} of {len(report.verdicts)} over-fit signs "
+                 f"{'(' + ', '.join(flagged) + ')' if flagged else 'found'}; report in {written[0].parent}")
     result.update({"plan": str(plan_path), "train": {"steps": run.steps, "seconds": round(seconds, 1),
-                                                      "losses": losses, "outputs": [str(p) for p in run.outputs]}})
+                                                      "losses": losses, "outputs": [str(p) for p in run.outputs]},
+                   "diagnosis": [str(p) for p in written]})
     return bool(run.outputs)
 
 
