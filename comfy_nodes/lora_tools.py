@@ -9,6 +9,8 @@ import json
 
 from comfy_api.latest import io, ui
 
+from lib_sdtune.merge.blocks import parse_blocks
+
 from .shared import (
     NONE,
     HostProgress,
@@ -17,7 +19,6 @@ from .shared import (
     model_path,
     new_output,
     optional_model_path,
-    parse_blocks,
     whole_device,
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from lib_sdtune.merge import METHODS, PRESETS
+from lib_sdtune.merge.blocks import parse_blocks
 
 from .shared import (
     HostProgress,
@@ -17,7 +18,6 @@ from .shared import (
     model_path,
     new_output,
     optional_model_path,
-    parse_blocks,
     whole_device,
 )
 

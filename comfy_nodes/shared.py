@@ -217,16 +217,3 @@ def png_to_image(png: bytes) -> torch.Tensor:
     with Image.open(_bytes_io.BytesIO(png)) as im:
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(rgb)[None].to(mm.intermediate_device())
-
-
-def parse_blocks(text: str) -> object:
-    """Block weights typed in a node: empty = none, a preset name, or comma-separated numbers."""
-    text = text.strip()
-    if not text:
-        return None
-    if "," not in text and not re.fullmatch(r"-?\d+(\.\d*)?", text):
-        return text
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SdtuneError(f"blocks: expected comma-separated numbers or a preset name, got {text!r}") from None

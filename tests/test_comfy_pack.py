@@ -135,8 +135,6 @@ def test_output_names_are_new_confined_and_listed_as_comfy_lists_them(host):
         with pytest.raises(shared.SdtuneError):
             shared.new_output("loras", bad)
     assert shared.listed_name("loras", path) == "sdtune/x.safetensors"
-    assert shared.parse_blocks("") is None and shared.parse_blocks("GRAD_V") == "GRAD_V"
-    assert shared.parse_blocks("0, 0.5,1") == (0.0, 0.5, 1.0) and shared.parse_blocks("0.5") == (0.5,)
 
 
 def test_png_becomes_a_comfy_image(host):

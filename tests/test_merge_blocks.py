@@ -15,6 +15,7 @@ from lib_sdtune.merge.blocks import (
     SDXL_SLOTS,
     UNET_SLOT_RULES,
     layout_for,
+    parse_blocks,
     resolve_blocks,
     unet_slot,
 )
@@ -133,3 +134,12 @@ def test_sdxl_plan_on_the_real_layout_gives_each_key_its_block_te_and_vae_ratio(
         comp = component_of(p.name, "sdxl")
         expected = {"te": 0.05, "vae": 0.9}.get(comp) if comp != "unet" else blocks[unet_slot(p.name, "sdxl")]
         assert p.action == "merge" and p.alpha == expected, p.name
+
+
+def test_block_weights_as_typed_by_a_user_in_any_face():
+    """One parser for the CLI (--blocks, --unet-blocks), the WebUI and the ComfyUI nodes."""
+    assert parse_blocks("") is None and parse_blocks(None) is None and parse_blocks(" none ") is None
+    assert parse_blocks("-") is None and parse_blocks("GRAD_V") == "GRAD_V"
+    assert parse_blocks("0, 0.5,1") == (0.0, 0.5, 1.0) and parse_blocks("0.5") == (0.5,)
+    with pytest.raises(SdtuneError, match="--blocks: expected comma-separated numbers or a preset name"):
+        parse_blocks("1,x", "--blocks")

@@ -134,30 +134,16 @@ def _run(args: argparse.Namespace, desc: str, work: Callable) -> object:
         close()
 
 
-def _blocks(text: str) -> object:
-    """A preset name, or comma-separated values; "-" / "none" for no block weights."""
-    from ..errors import SdtuneError
-
-    text = text.strip()
-    if text.lower() in ("-", "none", ""):
-        return None
-    if "," not in text:
-        return text  # a preset name (checked against the presets later)
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SdtuneError(f"--blocks: expected comma-separated numbers or a preset name, got {text!r}") from None
-
-
 def run_bake(args: argparse.Namespace) -> int:
     from ..errors import SdtuneError
+    from ..merge.blocks import parse_blocks
     from ..merge.lora_bake import BakeConfig, LoraInput, bake_loras
     from ..merge.lora_common import parse_weighted
     from . import emit
 
     if len(args.blocks) > len(args.loras):
         raise SdtuneError(f"--blocks given {len(args.blocks)} times for {len(args.loras)} LoRAs; one per LoRA at most")
-    blocks = [_blocks(b) for b in args.blocks] + [None] * (len(args.loras) - len(args.blocks))
+    blocks = [parse_blocks(b, "--blocks") for b in args.blocks] + [None] * (len(args.loras) - len(args.blocks))
     loras = tuple(LoraInput(*parse_weighted(spec), blocks=b) for spec, b in zip(args.loras, blocks))
     config = BakeConfig(args.checkpoint, loras, args.output, dtype=args.dtype, overwrite=args.overwrite)
     result = _run(args, "bake", lambda progress: bake_loras(config, progress=progress))

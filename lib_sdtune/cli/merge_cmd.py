@@ -57,23 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_merge)
 
 
-def _blocks(text: str | None) -> object:
-    """A preset name stays a string; a comma list becomes values (checked against the model later)."""
-    if text is None:
-        return None
-    if "," not in text and not text.strip().replace(".", "", 1).lstrip("-").isdigit():
-        return text.strip()
-    from ..errors import SdtuneError
-
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SdtuneError(f"blocks: expected comma-separated numbers or a preset name, got {text!r}") from None
-
-
 def _config(args: argparse.Namespace):
     from ..errors import SdtuneError
     from ..merge import MergeConfig, config_from_recipe, load_recipe
+    from ..merge.blocks import parse_blocks
 
     if args.recipe:
         if args.models:
@@ -84,7 +71,8 @@ def _config(args: argparse.Namespace):
     return MergeConfig(
         inputs=tuple(args.models), output=args.output, method=args.method, alpha=args.alpha, beta=args.beta,
         unet_alpha=args.unet_alpha, te_alpha=args.te_alpha, vae_alpha=args.vae_alpha,
-        blocks=_blocks(args.blocks), blocks_beta=_blocks(args.blocks_beta), seed=args.seed, dtype=args.dtype,
+        blocks=parse_blocks(args.blocks, "--blocks"), blocks_beta=parse_blocks(args.blocks_beta, "--blocks-beta"),
+        seed=args.seed, dtype=args.dtype,
         vae=args.vae, prune_ema=args.prune or args.prune_ema, prune_schedule=args.prune or args.prune_schedule,
         position_ids=args.position_ids, in_memory=args.in_memory)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .lora_cmd import _blocks, _run
+from ..merge.blocks import parse_blocks
+from .lora_cmd import _run
 
 TE_CHOICES = ("1", "2", "both")
 TE_HELP = "SDXL: which text encoder(s), 1 (CLIP-L), 2 (OpenCLIP bigG) or both (default)"
@@ -167,7 +168,7 @@ def run_lora_te(args: argparse.Namespace) -> int:
     from ..repair import LoraTeConfig, repair_lora_te
     from . import emit
 
-    blocks = _blocks(args.unet_blocks) if args.unet_blocks is not None else None
+    blocks = parse_blocks(args.unet_blocks, "--unet-blocks")
     config = LoraTeConfig(args.lora, args.output, strip=args.strip, scale=args.scale, unet_blocks=blocks, te=args.te,
                           overwrite=args.overwrite)
     result = _run(args, "lora-te", lambda progress: repair_lora_te(config, progress=progress))

@@ -116,6 +116,20 @@ def sd_to_sdxl(values: Sequence[float]) -> tuple[float, ...]:
     return (*values[:10], *values[13:23])
 
 
+def parse_blocks(text: Optional[str], field: str = "blocks") -> object:
+    """Block weights as typed by a user: blank, "-" or "none" = none; numbers (comma-separated) = values;
+    anything else = a preset name. Counts and preset names are checked by `resolve_blocks` against the model."""
+    text = (text or "").strip()
+    if text.lower() in ("", "-", "none"):
+        return None
+    if "," not in text and not re.fullmatch(r"-?\d+(\.\d*)?", text):
+        return text
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SdtuneError(f"{field}: expected comma-separated numbers or a preset name, got {text!r}") from None
+
+
 def resolve_blocks(blocks: object, family: str, field: str = "blocks") -> Optional[dict[str, float]]:
     """Turn a preset name or a value list into {slot: weight} for `family`; errors name `field`."""
     if blocks is None:

@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 
 from ..errors import SdtuneError
 from ..host import list_files
+from ..merge.blocks import parse_blocks
 from .compat import quick_event
 from .context import UiContext
 from .tools_common import (
@@ -51,20 +52,6 @@ def _rank(value, what: str = "rank") -> int:
     return rank
 
 
-def _blocks(text: Optional[str]) -> object:
-    """LBW values or a preset name per LoRA; blank or "-" for none."""
-    text = (text or "").strip()
-    if text.lower() in ("", "-", "none"):
-        return None
-    if "," not in text:
-        return text
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SdtuneError(f"block weights: expected numbers separated by commas or a preset name, got {text!r}") \
-            from None
-
-
 def lora_info(ctx: UiContext, name: Optional[str]) -> tuple[str, dict]:
     """`lora info` on a listed LoRA: (report text, the --json fields); errors as text."""
     from ..networks.lora_info import format_lora_info, inspect_lora
@@ -95,7 +82,8 @@ def run_bake(ctx: UiContext, checkpoint: Optional[str], dtype: str, output: str,
     from ..merge.lora_bake import BakeConfig, LoraInput, bake_loras
 
     ckpt = listed(checkpoint, ctx.folders.checkpoints, "checkpoint")
-    loras = tuple(LoraInput(listed(name, ctx.folders.loras, "LoRA"), float(strength), _blocks(blocks))
+    loras = tuple(LoraInput(listed(name, ctx.folders.loras, "LoRA"), float(strength),
+                            parse_blocks(blocks, "block weights"))
                   for name, strength, blocks in zip(slots[0::3], slots[1::3], slots[2::3]) if name)
     if not loras:
         raise SdtuneError("LoRA: choose at least one LoRA to bake")
