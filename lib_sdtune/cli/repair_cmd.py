@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..merge.blocks import parse_blocks
 from .lora_cmd import _run
 
 TE_CHOICES = ("1", "2", "both")
@@ -165,6 +164,7 @@ def run_te(args: argparse.Namespace) -> int:
 
 
 def run_lora_te(args: argparse.Namespace) -> int:
+    from ..merge.blocks import parse_blocks
     from ..repair import LoraTeConfig, repair_lora_te
     from . import emit
 
