@@ -11,46 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from webui_helpers import folders_under, last, quick_polls, tensors  # noqa: F401 (an autouse fixture)
 
-from lib_sdtune.host import HostFolders
 from lib_sdtune.merge.blocks import PRESETS, SD_SLOTS, SDXL_SLOTS_VAE
 from lib_sdtune.merge.pipeline import MergeCancelled
 from lib_sdtune.webui import lora_panel, merge_panel
 from lib_sdtune.webui.context import UiContext, UiSettings
 from lib_sdtune.webui.merge_panel import SLIDER_SLOTS, MergeForm
 from lib_sdtune.webui.tools_common import output_path, run_job, stop
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    from lib_sdtune.io.safetensors_io import SafetensorsFile
-
-    with SafetensorsFile(path) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-@pytest.fixture(autouse=True)
-def quick_polls(monkeypatch):
-    """Handlers poll their job every 0.5 s for the UI; a test need not wait that long."""
-    from lib_sdtune.webui import tools_common
-
-    monkeypatch.setattr(tools_common, "POLL", 0.02)
-
-
-def last(updates) -> tuple:
-    """Run a handler generator to its end, as gradio would, and return its final (status, result, job id)."""
-    *_, final = list(updates)
-    return final
-
-
-def folders_under(root: Path) -> UiContext:
-    """Host folders under `root`; the context records the host refreshes it asks for in `ctx.refreshed`."""
-    for name in ("ckpt", "lora", "data"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-    refreshed: list[str] = []
-    ctx = UiContext(HostFolders(checkpoints=(root / "ckpt",), loras=(root / "lora",), datasets=(root / "data",)),
-                    refresh_host=refreshed.append)
-    ctx.refreshed = refreshed  # type: ignore[attr-defined]
-    return ctx
 
 
 @pytest.fixture(scope="module")

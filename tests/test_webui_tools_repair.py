@@ -5,12 +5,11 @@ readable; epochs of a run are ranked."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from webui_helpers import folders_under, last, quick_polls, tensors  # noqa: F401 (an autouse fixture)
 
-from lib_sdtune.host import HostFolders
 from lib_sdtune.webui import repair_panel
 from lib_sdtune.webui.context import UiContext
 from lib_sdtune.webui.repair_panel import FIX_FIELDS, DiagnoseForm, DiagnosisView, FixForm
@@ -22,32 +21,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    from lib_sdtune.io.safetensors_io import SafetensorsFile
-
-    with SafetensorsFile(path) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-@pytest.fixture(autouse=True)
-def quick_polls(monkeypatch):
-    """Handlers poll their job every 0.5 s for the UI; a test need not wait that long."""
-    from lib_sdtune.webui import tools_common
-
-    monkeypatch.setattr(tools_common, "POLL", 0.02)
-
-
-def last(updates) -> tuple:
-    *_, final = list(updates)
-    return final
-
-
-def folders_under(root: Path) -> UiContext:
-    for name in ("ckpt", "lora", "data"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-    return UiContext(HostFolders(checkpoints=(root / "ckpt",), loras=(root / "lora",), datasets=(root / "data",)))
 
 
 def fix(**kw) -> list:
