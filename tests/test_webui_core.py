@@ -72,6 +72,11 @@ def fake_webui(tmp_path: Path, forge: bool = False, loaded: bool = True, **opts)
         def send_model_to_device(m):
             events.append(("to_device", m))
 
+        @staticmethod
+        def reload_model_weights(*args, **kwargs):
+            events.append(("reload", args))
+            return "loaded"
+
     shared = SimpleNamespace(state=FakeState(), opts=SimpleNamespace(**opts), device="cpu",
                              cmd_opts=SimpleNamespace(ckpt_dir=str(tmp_path / "ckpts"), lora_dir=None, vae_dir=None))
     processing = SimpleNamespace(process_images_inner=lambda p: f"images of {p}")
@@ -108,8 +113,11 @@ def test_a_gpu_job_frees_vram_pauses_generation_shows_progress_and_obeys_interru
     wait_for(lambda: shared.state.sampling_step == 3)
     assert shared.state.begun == ["sdtune: Train demo"] and shared.state.job == "sdtune: Train demo"
     assert shared.state.sampling_steps == 10 and shared.state.job_count == 1 and "loss 0.25" in shared.state.textinfo
-    with pytest.raises(GenerationPaused, match="sdtune is running 'Train demo' on the GPU, so generation is paused"):
+    with pytest.raises(GenerationPaused, match="sdtune is running 'Train demo' on the GPU, so generation and model "
+                                               "loading are paused"):
         processing.process_images_inner("p")
+    with pytest.raises(GenerationPaused):  # A1111's checkpoint dropdown would load a model onto the GPU mid-run
+        host.sd_models.reload_model_weights()
 
     shared.state.interrupted = True  # the WebUI's Interrupt button / /sdapi/v1/interrupt
     snap = host.jobs.wait(job.id, 5)
@@ -117,8 +125,10 @@ def test_a_gpu_job_frees_vram_pauses_generation_shows_progress_and_obeys_interru
     assert events == [("unload", model), ("to_device", model)]
     assert shared.state.ended == 1 and shared.state.interrupted is False and shared.state.textinfo is None
     assert processing.process_images_inner("p") == "images of p"  # generation works again
+    assert host.sd_models.reload_model_weights() == "loaded" and events[-1] == ("reload", ())
     host.remove_guard()
     assert processing.process_images_inner is original
+    assert getattr(host.sd_models.reload_model_weights, GUARD_MARK, None) is None
 
 
 @pytest.mark.compat

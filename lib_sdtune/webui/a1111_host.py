@@ -35,7 +35,7 @@ from .settings import SETTINGS, dataset_roots, read_values, ui_settings
 
 log = logging.getLogger(__name__)
 
-GUARD_MARK = "_sdtune_guarded"  # attribute on our wrapper of process_images_inner
+GUARD_MARK = "_sdtune_guarded"  # attribute on our wrappers of process_images_inner / reload_model_weights
 
 
 class GenerationPaused(SdtuneError):
@@ -163,33 +163,42 @@ class WebUIHost:
 
     # --- pausing generation while a GPU job runs -----------------------------------------------------
     def check_generation_allowed(self) -> None:
-        """Refuse a WebUI generation while an sdtune GPU job holds the GPU."""
+        """Refuse a WebUI generation (or a checkpoint load) while an sdtune GPU job holds the GPU."""
         busy = self.jobs.busy()
         if busy is not None:
-            raise GenerationPaused(f"sdtune is running '{busy.title}' on the GPU, so generation is paused until "
-                                   "it ends. Open the sdtune tab to follow it or press Stop there.")
+            raise GenerationPaused(f"sdtune is running '{busy.title}' on the GPU, so generation and model loading "
+                                   "are paused until it ends. Open the sdtune tab to follow it or press Stop there.")
+
+    def _guarded(self) -> list[tuple[Any, str]]:
+        """What asks `check_generation_allowed` first: generation, and in A1111 a checkpoint change (it would load
+        the new model onto the GPU mid-run; Forge loads lazily, at the next generation, which is guarded)."""
+        targets = [(self.processing, "process_images_inner")]
+        if not self.forge and hasattr(self.sd_models, "reload_model_weights"):
+            targets.append((self.sd_models, "reload_model_weights"))
+        return targets
 
     def install_guard(self) -> None:
-        """Wrap `processing.process_images_inner` once so generation asks `check_generation_allowed` first."""
-        current = self.processing.process_images_inner
-        if getattr(current, GUARD_MARK, None) is not None:
-            return
+        """Wrap each guarded WebUI function once (a "Reload UI" finds our wrapper and leaves it)."""
         host = self
+        for owner, name in self._guarded():
+            current = getattr(owner, name)
+            if getattr(current, GUARD_MARK, None) is not None:
+                continue
 
-        def process_images_inner(p, *args, **kwargs):
-            host.check_generation_allowed()
-            return current(p, *args, **kwargs)
+            def guarded(*args, _original=current, **kwargs):
+                host.check_generation_allowed()
+                return _original(*args, **kwargs)
 
-        setattr(process_images_inner, GUARD_MARK, current)
-        process_images_inner.__doc__ = current.__doc__
-        self.processing.process_images_inner = process_images_inner
+            setattr(guarded, GUARD_MARK, current)
+            guarded.__name__, guarded.__doc__ = name, current.__doc__
+            setattr(owner, name, guarded)
 
     def remove_guard(self) -> None:
-        """Put back the original `process_images_inner` (only if ours is still the outermost wrapper)."""
-        current = self.processing.process_images_inner
-        original = getattr(current, GUARD_MARK, None)
-        if original is not None:
-            self.processing.process_images_inner = original
+        """Put back the original functions (only where ours is still the outermost wrapper)."""
+        for owner, name in self._guarded():
+            original = getattr(getattr(owner, name), GUARD_MARK, None)
+            if original is not None:
+                setattr(owner, name, original)
 
 
 # One host per WebUI process, kept across "Reload UI" (which re-runs scripts/ but keeps this package loaded),
