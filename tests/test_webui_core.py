@@ -77,6 +77,11 @@ def fake_webui(tmp_path: Path, forge: bool = False, loaded: bool = True, **opts)
             events.append(("reload", args))
             return "loaded"
 
+        @staticmethod
+        def load_model(*args, **kwargs):
+            events.append(("load", args))
+            return "loaded"
+
     shared = SimpleNamespace(state=FakeState(), opts=SimpleNamespace(**opts), device="cpu",
                              cmd_opts=SimpleNamespace(ckpt_dir=str(tmp_path / "ckpts"), lora_dir=None, vae_dir=None))
     processing = SimpleNamespace(process_images_inner=lambda p: f"images of {p}")
@@ -118,6 +123,8 @@ def test_a_gpu_job_frees_vram_pauses_generation_shows_progress_and_obeys_interru
         processing.process_images_inner("p")
     with pytest.raises(GenerationPaused):  # A1111's checkpoint dropdown would load a model onto the GPU mid-run
         host.sd_models.reload_model_weights()
+    with pytest.raises(GenerationPaused):  # so would the first use of shared.sd_model (an API txt2img, say)
+        host.sd_models.load_model()
 
     shared.state.interrupted = True  # the WebUI's Interrupt button / /sdapi/v1/interrupt
     snap = host.jobs.wait(job.id, 5)
@@ -129,6 +136,7 @@ def test_a_gpu_job_frees_vram_pauses_generation_shows_progress_and_obeys_interru
     host.remove_guard()
     assert processing.process_images_inner is original
     assert getattr(host.sd_models.reload_model_weights, GUARD_MARK, None) is None
+    assert getattr(host.sd_models.load_model, GUARD_MARK, None) is None
 
 
 @pytest.mark.compat

@@ -170,11 +170,14 @@ class WebUIHost:
                                    "are paused until it ends. Open the sdtune tab to follow it or press Stop there.")
 
     def _guarded(self) -> list[tuple[Any, str]]:
-        """What asks `check_generation_allowed` first: generation, and in A1111 a checkpoint change (it would load
-        the new model onto the GPU mid-run; Forge loads lazily, at the next generation, which is guarded)."""
+        """What asks `check_generation_allowed` first: generation, and in A1111 loading a checkpoint (a checkpoint
+        change, or the first use of `shared.sd_model`): it would put a model on the GPU mid-run, and A1111 patches
+        torch's module initialisation and state-dict loading process-wide while it loads, under the running job.
+        Forge loads lazily, at the next generation, which is guarded."""
         targets = [(self.processing, "process_images_inner")]
-        if not self.forge and hasattr(self.sd_models, "reload_model_weights"):
-            targets.append((self.sd_models, "reload_model_weights"))
+        if not self.forge:
+            targets += [(self.sd_models, name) for name in ("reload_model_weights", "load_model")
+                        if hasattr(self.sd_models, name)]
         return targets
 
     def install_guard(self) -> None:
