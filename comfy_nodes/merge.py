@@ -100,14 +100,6 @@ class SdtuneMergeCheckpoints(io.ComfyNode):
                 prune_ema=prune, prune_schedule=prune)
             with whole_device():
                 result = merge_checkpoints(config, progress=progress.progress, cancelled=progress.cancelled)
-        r = result.report
-        lines = [f"wrote {name}", f"{result.architecture}, {result.method}, {result.tensors} tensors "
-                                  f"({result.merged} merged) in {result.seconds:.1f} s"]
-        if r.kept_from_a:
-            lines.append(f"{len(r.kept_from_a)} keys kept from A (missing in another input), e.g. {r.kept_from_a[0]}")
-        if r.dropped:
-            lines.append(f"{len(r.dropped)} keys dropped (only in B or C), e.g. {r.dropped[0]}")
-        if r.pruned:
-            lines.append(f"pruned: {len(r.pruned)} tensors")
+        lines = [f"wrote {name}", *result.details()]
         text = "\n".join(lines)
         return io.NodeOutput(name, text, ui=ui.PreviewText(text))

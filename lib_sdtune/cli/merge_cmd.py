@@ -100,16 +100,6 @@ def run_merge(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     data = result.to_dict()
-    r = result.report
-    lines = [f"wrote {result.output}", f"  {result.architecture}, {result.method}, {result.tensors} tensors "
-             f"({result.merged} merged) in {result.seconds:.1f} s"]
-    if r.kept_from_a:
-        lines.append(f"  {len(r.kept_from_a)} keys kept from A (missing in another input), e.g. {r.kept_from_a[0]}")
-    if r.dropped:
-        lines.append(f"  {len(r.dropped)} keys dropped (only in B or C), e.g. {r.dropped[0]}")
-    if r.vae_baked:
-        lines.append(f"  VAE baked in: {r.vae_baked} tensors")
-    if r.pruned:
-        lines.append(f"  pruned: {len(r.pruned)} tensors")
+    lines = [f"wrote {result.output}", *(f"  {line}" for line in result.details())]
     emit(data, args.json, "\n".join(lines))
     return 0

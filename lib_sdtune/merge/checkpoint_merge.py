@@ -48,6 +48,21 @@ class MergeResult:
     seconds: float
     recipe: dict = field(repr=False)
 
+    def details(self) -> list[str]:
+        """The merge for people, a line each: what was merged, then keys kept/dropped, VAE baked, pruning."""
+        r = self.report
+        lines = [f"{self.architecture}, {self.method}, {self.tensors} tensors ({self.merged} merged) in "
+                 f"{self.seconds:.1f} s"]
+        if r.kept_from_a:
+            lines.append(f"{len(r.kept_from_a)} keys kept from A (missing in another input), e.g. {r.kept_from_a[0]}")
+        if r.dropped:
+            lines.append(f"{len(r.dropped)} keys dropped (only in B or C), e.g. {r.dropped[0]}")
+        if r.vae_baked:
+            lines.append(f"VAE baked in: {r.vae_baked} tensors")
+        if r.pruned:
+            lines.append(f"pruned: {len(r.pruned)} tensors")
+        return lines
+
     def to_dict(self) -> dict:
         """JSON-ready summary (`output` first, as the CLI contract asks)."""
         r = self.report

@@ -218,19 +218,7 @@ def preview_recipe(ctx: UiContext, *values) -> tuple[str, str]:
 
 def describe_merge(result) -> str:
     """The result for people (what the CLI prints)."""
-    r = result.report
-    lines = [f"Wrote {result.output}",
-             f"{result.architecture}, {result.method}: {result.tensors} tensors ({result.merged} merged) "
-             f"in {result.seconds:.1f} s"]
-    if r.kept_from_a:
-        lines.append(f"{len(r.kept_from_a)} keys kept from A (missing in another input), e.g. {r.kept_from_a[0]}")
-    if r.dropped:
-        lines.append(f"{len(r.dropped)} keys dropped (only in B or C), e.g. {r.dropped[0]}")
-    if r.vae_baked:
-        lines.append(f"VAE baked in: {r.vae_baked} tensors")
-    if r.pruned:
-        lines.append(f"pruned: {len(r.pruned)} tensors")
-    return "\n".join(lines)
+    return "\n".join([f"Wrote {result.output}", *result.details()])
 
 
 @guarded
