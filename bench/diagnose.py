@@ -27,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from page_cache import drop_cache  # noqa: E402 (bench/ is the script folder)
+
 REFERENCE = ROOT / "tests" / "data" / "reference" / "sd15_keys.json"
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 LIMIT_S = 120.0  # the issue's budget for a full-size diagnosis on this machine
@@ -113,16 +116,6 @@ def make_lora(folder: Path, rank: int = 32) -> Path:
         tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     out = folder / "lora_r32.safetensors"
     return write_lora(tensors, out, minimal_metadata("sd_v1", rank, rank, out))
-
-
-def drop_cache(*paths: Path) -> None:
-    """Evict files from the page cache, so every run reads from disk (cold)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_variant(code: str, inputs: list[Path], warm: bool) -> dict:

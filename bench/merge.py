@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from page_cache import drop_cache  # noqa: E402 (bench/ is the script folder)
+
 REFERENCE = ROOT / "tests" / "data" / "reference" / "sd15_keys.json"
 
 # Each variant runs in its own interpreter; the timing excludes interpreter start and imports.
@@ -73,18 +76,6 @@ def make_inputs(folder: Path, count: int = 2) -> list[Path]:
 
     return [write_random_checkpoint("sd15", folder / f"sd15_random_{seed}.safetensors", seed, {"bench": "merge"})
             for seed in range(1, count + 1)]
-
-
-def drop_cache(*paths: Path) -> None:
-    """Evict files from the page cache, so every run reads from disk (cold)."""
-    for p in paths:
-        if p.exists():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def run_variant(code: str, inputs: list[Path], out: Path, method: str, warm: bool) -> dict:
