@@ -110,15 +110,7 @@ def _stats_lines(stats) -> list[str]:
 
 
 def _lint_lines(report) -> list[str]:
-    lines = [f"lint: {report.images} images checked"]
-    for kind, hits in report.by_kind().items():
-        lines.append(f"{kind}: {len(hits)}")
-        lines += [f"  {f.path}: {f.detail}" for f in hits[:10]]
-        if len(hits) > 10:
-            lines.append(f"  ... and {len(hits) - 10} more")
-    if not report.findings:
-        lines.append("lint: no problems found")
-    return lines
+    return [f"lint: {report.images} images checked", *report.summary_lines(10)]
 
 
 def _taggers() -> dict[str, Path]:

@@ -274,14 +274,8 @@ def run_lint(args: argparse.Namespace) -> int:
         if args.output or args.in_place:
             raise SdtuneError("-o/--in-place only apply with --fix")
         report = lint_dataset(lc)
-        lines = [f"{report.images} images checked in {report.seconds:.1f} s"]
-        for kind, hits in report.by_kind().items():
-            lines.append(f"{kind}: {len(hits)}")
-            lines += [f"  {f.path}: {f.detail}" for f in hits[:20]]
-            if len(hits) > 20:
-                lines.append(f"  ... and {len(hits) - 20} more (--json lists all)")
-        if not report.findings:
-            lines.append("no problems found")
+        lines = [f"{report.images} images checked in {report.seconds:.1f} s",
+                 *report.summary_lines(20, more=" (--json lists all)")]
         emit(report.to_dict(), args.json, "\n".join(lines))
         return 0
     r = fix_dataset(FixConfig(lc, args.output, args.in_place, drop_duplicates=not args.keep_duplicates,

@@ -84,6 +84,18 @@ class LintReport:
                 out[k] = hits
         return out
 
+    def summary_lines(self, shown: int = 20, name: Callable[[Path], object] = str, more: str = "") -> list[str]:
+        """For people: per kind its count and first `shown` findings (`name` prints a path), or that all is well."""
+        lines: list[str] = []
+        for kind, hits in self.by_kind().items():
+            lines.append(f"{kind}: {len(hits)}")
+            lines += [f"  {name(f.path)}: {f.detail}" for f in hits[:shown]]
+            if len(hits) > shown:
+                lines.append(f"  ... and {len(hits) - shown} more{more}")
+        if not self.findings:
+            lines.append("no problems found")
+        return lines
+
     def to_dict(self) -> dict:
         """JSON-ready summary (the CLI's `--json`)."""
         return {"dataset": str(self.dataset), "images": self.images, "seconds": round(self.seconds, 3),

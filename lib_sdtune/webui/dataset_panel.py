@@ -273,16 +273,9 @@ def start_lint(ctx: UiContext, session, resolution: int):
 
     def work(jc):
         report = lint_dataset(cfg, jc.progress, store=session.store)
-        lines = [f"{report.images} images checked in {report.seconds:.1f} s"]
-        for kind, hits in report.by_kind().items():
-            lines.append(f"{kind}: {len(hits)}")
-            lines += [f"  {session.store.rel(f.path)}: {f.detail}" for f in hits[:LINT_KINDS_SHOWN]]
-            if len(hits) > LINT_KINDS_SHOWN:
-                lines.append(f"  ... and {len(hits) - LINT_KINDS_SHOWN} more (`python -m lib_sdtune tag lint "
-                             f"--json` lists all)")
-        if not report.findings:
-            lines.append("no problems found")
-        return "\n".join(lines)
+        return "\n".join([f"{report.images} images checked in {report.seconds:.1f} s",
+                          *report.summary_lines(LINT_KINDS_SHOWN, session.store.rel,
+                                                " (`python -m lib_sdtune tag lint --json` lists all)")])
 
     return start_job(ctx.jobs, f"Lint {session.store.root.name}", work, uses_gpu=False, meta={"kind": "lint"})
 
